@@ -1,0 +1,1 @@
+"""How programs come in (fx / export frontends) and how people drive slimfx (API, CLI)."""

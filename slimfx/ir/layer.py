@@ -1,0 +1,146 @@
+"""Uniform access to a parametrised node's tensors and attributes, whatever form it has.
+
+An ``nn.Conv2d`` call_module node, ``F.conv2d(x, w, b)`` with get_attr weights, and ``aten.conv2d`` all
+have a weight, a bias and ``groups``; a pass reads and replaces them through :class:`Layer` so that one
+rewrite serves both dialects. Roles are the names in :class:`slimfx.ir.ops.Slots`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import fx
+
+from slimfx.ir import ops
+from slimfx.ir.program import Program
+
+_TENSOR_ROLES = frozenset({"weight", "bias", "running_mean", "running_var"})
+
+
+def _owner_and_name(root: nn.Module, target: str) -> tuple[nn.Module, str]:
+    owner, _, name = target.rpartition(".")
+    return (root.get_submodule(owner) if owner else root), name
+
+
+def get_attr_value(root: nn.Module, target: str) -> Any:
+    """The tensor/module an attribute path names (``"layer1.0.conv.weight"``)."""
+    owner, name = _owner_and_name(root, target)
+    return getattr(owner, name)
+
+
+def set_attr_value(root: nn.Module, target: str, value: torch.Tensor) -> None:
+    """Replace the tensor at an attribute path, keeping Parameter vs buffer status."""
+    owner, name = _owner_and_name(root, target)
+    old = getattr(owner, name, None)
+    if isinstance(old, nn.Parameter) or (old is None and name in ("weight", "bias")):
+        requires_grad = old.requires_grad if isinstance(old, nn.Parameter) else True
+        setattr(owner, name, nn.Parameter(value, requires_grad=requires_grad))
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        setattr(owner, name, value)
+
+
+class Layer:
+    """A parametrised node seen through its roles (weight, bias, running stats, groups, eps, ...)."""
+
+    def __init__(self, program: Program, node: fx.Node):
+        self.program = program
+        self.node = node
+        self.kind = program.kind(node)
+        self.module: nn.Module | None = (
+            program.module.get_submodule(node.target) if node.op == "call_module" else None
+        )
+        self.slots = ops.slots(node)
+        if self.module is None and self.slots is None:
+            raise ValueError(f"%{node.name} ({node.op} {node.target}) is not a parametrised layer")
+
+    @property
+    def name(self) -> str:
+        """A readable name: the module path for module forms, the node name otherwise."""
+        return str(self.node.target) if self.module is not None else self.node.name
+
+    def _raw(self, role: str) -> Any:
+        assert self.slots is not None
+        index = self.slots.args.get(role)
+        if index is not None and index < len(self.node.args):
+            return self.node.args[index]
+        if role in self.node.kwargs:
+            return self.node.kwargs[role]
+        return self.slots.defaults.get(role)
+
+    def get(self, role: str) -> Any:
+        """The value of a role: a tensor, a Python value, None when absent, or an fx.Node when computed."""
+        if self.module is not None:
+            if role == "training":
+                return self.module.training or getattr(self.module, "running_mean", 0) is None
+            return getattr(self.module, role, None)
+        raw = self._raw(role)
+        if isinstance(raw, fx.Node) and raw.op == "get_attr":
+            return get_attr_value(self.program.module, raw.target)
+        return raw
+
+    def tensor(self, role: str) -> torch.Tensor | None:
+        """The role's tensor, or None when absent or not a constant (computed by the graph)."""
+        value = self.get(role)
+        return value if isinstance(value, torch.Tensor) else None
+
+    def param_target(self, role: str) -> str | None:
+        """The attribute path that holds the role's tensor, or None."""
+        if self.module is not None:
+            return f"{self.node.target}.{role}" if getattr(self.module, role, None) is not None else None
+        raw = self._raw(role)
+        return raw.target if isinstance(raw, fx.Node) and raw.op == "get_attr" else None
+
+    def set(self, role: str, value: torch.Tensor) -> None:
+        """Replace (or add, e.g. a missing bias) the tensor of a role."""
+        if role not in _TENSOR_ROLES:
+            raise ValueError(f"role {role!r} is not a tensor role")
+        target = self.param_target(role)
+        if target is not None:
+            set_attr_value(self.program.module, target, value)
+            return
+        if self.module is not None:
+            setattr(self.module, role, nn.Parameter(value))
+            return
+        assert self.slots is not None
+        graph = self.program.graph
+        attr = _fresh_attr_name(self.program.module, f"{self.node.name}_{role}")
+        self.program.module.register_parameter(attr, nn.Parameter(value))
+        with graph.inserting_before(self.node):
+            getter = graph.get_attr(attr)
+        index = self.slots.args[role]
+        if role in self.node.kwargs or index > len(self.node.args):
+            kwargs = dict(self.node.kwargs)
+            kwargs[role] = getter
+            self.node.kwargs = kwargs
+        else:
+            args = list(self.node.args)
+            if index == len(args):
+                args.append(getter)
+            else:
+                args[index] = getter
+            self.node.args = tuple(args)
+
+    def is_shared(self) -> bool:
+        """True when editing this layer's tensors would also change another node (shared module/param)."""
+        graph = self.program.graph
+        if self.module is not None:
+            return sum(1 for n in graph.nodes if n.op == "call_module" and n.target == self.node.target) > 1
+        for role in _TENSOR_ROLES:
+            raw = self._raw(role) if role in self.slots.args else None
+            if isinstance(raw, fx.Node) and raw.op == "get_attr":
+                same = [n for n in graph.nodes if n.op == "get_attr" and n.target == raw.target]
+                if sum(len(n.users) for n in same) > 1:
+                    return True
+        return False
+
+
+def _fresh_attr_name(root: nn.Module, base: str) -> str:
+    name, i = base.replace(".", "_"), 0
+    while hasattr(root, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name

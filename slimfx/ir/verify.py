@@ -1,0 +1,67 @@
+"""verify(program): the IR invariants checked after every pass. Errors name the node and the pass."""
+
+from __future__ import annotations
+
+from torch import fx
+
+from slimfx.errors import VerifyError
+from slimfx.ir import meta as meta_mod
+from slimfx.ir.program import Program
+
+
+def verify(program: Program, after: str | None = None) -> None:
+    """Raise VerifyError when the program breaks an invariant.
+
+    Checks: the graph lints (nodes well-formed, defined before use, targets exist); every get_attr and
+    call_module target exists; every node carries metadata and it agrees with a fresh propagation; the
+    outputs' shapes and dtypes are those the program had when it was traced.
+    ``after`` names the pass that just ran, for the message.
+    """
+    where = f" after pass {after!r}" if after else ""
+    gm = program.module
+    try:
+        gm.graph.lint()
+    except Exception as exc:
+        raise VerifyError(f"graph is malformed{where}: {exc}") from exc
+    for node in gm.graph.nodes:
+        _check_target(gm, node, where)
+    fresh, _ = meta_mod.infer_meta(gm, program.example_inputs)
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        stored = meta_mod.meta_of(node)
+        if node.name not in fresh:
+            continue
+        if stored is None:
+            raise VerifyError(
+                f"node %{node.name} ({node.op} {node.target}) has no metadata{where}; "
+                "a pass that adds nodes must call program.propagate_meta() or not preserve 'meta'"
+            )
+        if stored != fresh[node.name]:
+            raise VerifyError(
+                f"node %{node.name} ({node.op} {node.target}): stored metadata {stored} disagrees "
+                f"with re-propagation {fresh[node.name]}{where}"
+            )
+    if program.output_spec is not None:
+        current = program.current_output_spec()
+        if current != program.output_spec:
+            raise VerifyError(
+                f"the program's outputs changed{where}: {program.output_spec} became {current}; "
+                "passes must keep output shapes and dtypes"
+            )
+
+
+def _check_target(gm: fx.GraphModule, node: fx.Node, where: str) -> None:
+    if node.op == "call_module":
+        try:
+            gm.get_submodule(node.target)
+        except AttributeError as exc:
+            raise VerifyError(f"node %{node.name} calls missing submodule {node.target!r}{where}") from exc
+    elif node.op == "get_attr":
+        owner, _, name = node.target.rpartition(".")
+        try:
+            module = gm.get_submodule(owner) if owner else gm
+        except AttributeError as exc:
+            raise VerifyError(f"node %{node.name} reads missing attribute {node.target!r}{where}") from exc
+        if not hasattr(module, name):
+            raise VerifyError(f"node %{node.name} reads missing attribute {node.target!r}{where}")

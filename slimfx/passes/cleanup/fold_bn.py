@@ -1,0 +1,118 @@
+"""fold-bn: fold an eval-mode BatchNorm into the conv / linear / conv-transpose that feeds it.
+
+W' = W * gamma / sqrt(var + eps) along the output-channel dim, b' = (b - mean) * gamma / sqrt(var + eps) + beta.
+Works on both dialects through :class:`slimfx.ir.layer.Layer`. A BN using batch statistics (training
+mode) is refused with a PassError; producers with other users, shared modules/parameters, computed
+(non-constant) weights, grouped transposed convs and UNKNOWN producers are left alone and reported.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from slimfx.errors import PassError
+from slimfx.ir.layer import Layer
+from slimfx.ir.meta import tensor_meta
+from slimfx.ir.ops import OpKind, data_input
+from slimfx.ir.program import Program
+from slimfx.passes.base import Contract, Pass, PassResult, register_pass
+
+_PRODUCERS = (OpKind.CONV, OpKind.LINEAR, OpKind.CONV_TRANSPOSE)
+
+
+@dataclass
+class FoldBnOptions:
+    """strict: raise on a BatchNorm that cannot be folded instead of leaving it and noting why."""
+
+    strict: bool = False
+
+
+@register_pass
+class FoldBatchNorm(Pass):
+    """Fold eval-mode BatchNorm into the preceding conv/linear (both dialects); refuses training-mode BN."""
+
+    name = "fold-bn"
+    contract = Contract.EXACT
+    Options = FoldBnOptions
+    tolerance = (1e-4, 1e-5)
+
+    def run(self, program: Program) -> PassResult:
+        folded, notes = 0, []
+        for bn in program.nodes_of(OpKind.BATCH_NORM):
+            bn_layer = Layer(program, bn)
+            if bn_layer.get("training"):
+                raise PassError(
+                    f"fold-bn: BatchNorm %{bn.name} ({bn_layer.name}) is in training mode (it normalises with "
+                    "batch statistics, so there is nothing constant to fold). Call model.eval() before "
+                    "tracing, or drop fold-bn from the pipeline (QAT keeps BN until lowering)."
+                )
+            reason = self._why_not(program, bn, bn_layer)
+            if reason:
+                notes.append(f"kept %{bn.name}: {reason}")
+                if self.options.strict:
+                    raise PassError(f"fold-bn: cannot fold %{bn.name}: {reason}")
+                continue
+            producer = data_input(bn)
+            _fold(Layer(program, producer), bn_layer)
+            for user in list(bn.users):  # aten's _native_batch_norm_legit_no_training returns a tuple
+                if user.op == "call_function" and user.target is operator.getitem:
+                    user.replace_all_uses_with(producer)
+                    program.graph.erase_node(user)
+            bn.replace_all_uses_with(producer)
+            program.graph.erase_node(bn)
+            folded += 1
+        return PassResult(changed=folded > 0, stats={"folded": folded}, notes=notes)
+
+    @staticmethod
+    def _why_not(program: Program, bn: fx.Node, bn_layer: Layer) -> str | None:
+        producer = data_input(bn)
+        if not isinstance(producer, fx.Node) or program.kind(producer) not in _PRODUCERS:
+            kind = program.kind(producer).value if isinstance(producer, fx.Node) else "constant"
+            return f"its input is a {kind} op, not a conv/linear"
+        if len(producer.users) != 1:
+            return f"the output of %{producer.name} is also used elsewhere"
+        if any(u.op == "call_function" and u.target is operator.getitem and u.args[1] != 0 for u in bn.users):
+            return "a batch-norm statistic output is used"
+        layer = Layer(program, producer)
+        if layer.is_shared() or bn_layer.is_shared():
+            return f"%{producer.name} or %{bn.name} shares its parameters with another node"
+        if layer.tensor("weight") is None or (layer.get("bias") is not None and layer.tensor("bias") is None):
+            return f"%{producer.name}'s weight or bias is computed by the graph, not a constant"
+        for role in ("running_mean", "running_var"):
+            if bn_layer.tensor(role) is None:
+                return f"%{bn.name} has no constant {role}"
+        out_dim = 1 if layer.kind is OpKind.CONV_TRANSPOSE else 0
+        if layer.kind is OpKind.CONV_TRANSPOSE and (layer.get("groups") or 1) != 1:
+            return "grouped transposed convs are not folded"
+        channels = layer.tensor("weight").shape[out_dim]
+        if bn_layer.tensor("running_mean").numel() != channels:
+            return f"channel counts differ ({channels} vs {bn_layer.tensor('running_mean').numel()})"
+        meta = tensor_meta(producer)
+        if layer.kind is OpKind.LINEAR and (meta is None or len(meta.shape) != 2):
+            return "a BatchNorm after a linear is folded only for [batch, features] activations"
+        return None
+
+
+def _fold(layer: Layer, bn: Layer) -> None:
+    weight = layer.tensor("weight")
+    dtype = weight.dtype
+    mean = bn.tensor("running_mean").double()
+    var = bn.tensor("running_var").double()
+    eps = float(bn.get("eps") if bn.get("eps") is not None else 1e-5)
+    gamma = bn.tensor("weight")
+    beta = bn.tensor("bias")
+    gamma = gamma.double() if gamma is not None else torch.ones_like(mean)
+    beta = beta.double() if beta is not None else torch.zeros_like(mean)
+    scale = gamma / torch.sqrt(var + eps)
+    bias = layer.tensor("bias")
+    bias = bias.double() if bias is not None else torch.zeros_like(mean)
+    out_dim = 1 if layer.kind is OpKind.CONV_TRANSPOSE else 0
+    shape = [1] * weight.dim()
+    shape[out_dim] = -1
+    with torch.no_grad():
+        layer.set("weight", (weight.double() * scale.reshape(shape)).to(dtype))
+        layer.set("bias", ((bias - mean) * scale + beta).to(dtype))
