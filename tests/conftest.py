@@ -1,8 +1,11 @@
 """Suite-wide settings: Triton kernels run in the interpreter on CPU; hypothesis is derandomized."""
 
 import os
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The kernel dispatcher caches its timing choices on disk; tests must never write to the user's cache.
+os.environ.setdefault("SLIMFX_CACHE_DIR", tempfile.mkdtemp(prefix="slimfx-test-cache-"))
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

@@ -126,16 +126,32 @@ class Layer:
 
     def is_shared(self) -> bool:
         """True when editing this layer's tensors would also change another node (shared module/param)."""
-        graph = self.program.graph
+        uses = attribute_uses(self.program)
         if self.module is not None:
-            return sum(1 for n in graph.nodes if n.op == "call_module" and n.target == self.node.target) > 1
+            return uses.get(self.node.target, 0) > 1
         for role in _TENSOR_ROLES:
             raw = self._raw(role) if role in self.slots.args else None
-            if isinstance(raw, fx.Node) and raw.op == "get_attr":
-                same = [n for n in graph.nodes if n.op == "get_attr" and n.target == raw.target]
-                if sum(len(n.users) for n in same) > 1:
-                    return True
+            if isinstance(raw, fx.Node) and raw.op == "get_attr" and uses.get(raw.target, 0) > 1:
+                return True
         return False
+
+
+def attribute_uses(program: Program) -> dict[str, int]:
+    """How many nodes use each submodule (call_module) and each attribute (users of its get_attr nodes).
+
+    Cached in ``program.analyses`` and dropped after every pass; within a pass it stays valid for the
+    layers the pass has not yet rewritten.
+    """
+    cached = program.analyses.get("attribute-uses")
+    if cached is None:
+        cached = {}
+        for n in program.graph.nodes:
+            if n.op == "call_module":
+                cached[n.target] = cached.get(n.target, 0) + 1
+            elif n.op == "get_attr":
+                cached[n.target] = cached.get(n.target, 0) + len(n.users)
+        program.analyses["attribute-uses"] = cached
+    return cached
 
 
 def _fresh_attr_name(root: nn.Module, base: str) -> str:

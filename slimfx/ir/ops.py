@@ -71,11 +71,13 @@ class KindInfo:
     pure: no side effects, so an unused result may be deleted.
     elementwise: output[i] depends only on input[i] (channels pass through unchanged).
     params: the kind owns learnable tensors (weight/bias/...).
+    same_shape: the output has the data input's shape and dtype (meta propagation skips dispatch).
     """
 
     pure: bool = True
     elementwise: bool = False
     params: bool = False
+    same_shape: bool = False
 
 
 KIND_INFO: dict[OpKind, KindInfo] = {k: KindInfo() for k in OpKind}
@@ -87,19 +89,19 @@ KIND_INFO.update(
         OpKind.LINEAR: KindInfo(params=True),
         OpKind.CONV: KindInfo(params=True),
         OpKind.CONV_TRANSPOSE: KindInfo(params=True),
-        OpKind.BATCH_NORM: KindInfo(params=True),
-        OpKind.LAYER_NORM: KindInfo(params=True),
-        OpKind.GROUP_NORM: KindInfo(params=True),
+        OpKind.BATCH_NORM: KindInfo(params=True, same_shape=True),
+        OpKind.LAYER_NORM: KindInfo(params=True, same_shape=True),
+        OpKind.GROUP_NORM: KindInfo(params=True, same_shape=True),
         OpKind.EMBEDDING: KindInfo(params=True),
         OpKind.MULTIHEAD_ATTENTION: KindInfo(params=True),
         OpKind.ADD: KindInfo(elementwise=True),
         OpKind.SUB: KindInfo(elementwise=True),
         OpKind.MUL: KindInfo(elementwise=True),
         OpKind.DIV: KindInfo(elementwise=True),
-        OpKind.ACTIVATION: KindInfo(elementwise=True),
-        OpKind.DROPOUT: KindInfo(elementwise=True),
-        OpKind.IDENTITY: KindInfo(elementwise=True),
-        OpKind.CONTIGUOUS: KindInfo(elementwise=True),
+        OpKind.ACTIVATION: KindInfo(elementwise=True, same_shape=True),
+        OpKind.DROPOUT: KindInfo(elementwise=True, same_shape=True),
+        OpKind.IDENTITY: KindInfo(elementwise=True, same_shape=True),
+        OpKind.CONTIGUOUS: KindInfo(elementwise=True, same_shape=True),
     }
 )
 

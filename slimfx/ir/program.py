@@ -50,6 +50,7 @@ class Program:
     output_spec: Any = None
     log: list[Any] = field(default_factory=list, repr=False)
     analyses: dict[str, Any] = field(default_factory=dict, repr=False)
+    fake: meta_mod.FakeState | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.dialect not in DIALECTS:
@@ -71,7 +72,9 @@ class Program:
 
     def propagate_meta(self) -> None:
         """(Re)compute shape/dtype metadata on every node, and the output spec on first call."""
-        metas, mode = meta_mod.infer_meta(self.module, self.example_inputs)
+        if self.fake is None:
+            self.fake = meta_mod.FakeState()
+        metas, mode = meta_mod.infer_meta(self.module, self.example_inputs, self.fake)
         meta_mod.annotate(self.module, metas)
         self.meta_mode = mode
         if self.output_spec is None:

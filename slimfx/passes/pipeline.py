@@ -23,7 +23,7 @@ from typing import Any, Union
 
 from slimfx.errors import PipelineError, did_you_mean
 
-RawValue = Union[str, tuple["RawValue", ...]]
+RawValue = Union[str, tuple["RawValue", ...]]  # noqa: UP007  (a recursive alias needs Union)
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
