@@ -1,0 +1,494 @@
+"""CPU candidate implementations of the int8 linear and block-sparse linear kernels.
+
+Each candidate is a small object with a ``name``, ``is_available()``, ``supports(...)`` and
+``prepare(weights...) -> PreparedKernel`` (which prepacks the weight once); the prepared kernel's
+``run(x2d)`` computes the layer for a 2-D activation. :mod:`slimfx.kernels.dispatch` times the
+candidates on this machine, checks each against the spec in this file and picks the fastest correct one.
+No candidate is assumed fast or even exact: on AVX2-only CPUs oneDNN/fbgemm int8 instructions saturate
+int16 intermediates for full-range 8-bit activations (``vpmaddubsw``), which the dispatcher's
+worst-case probe detects, and ``torch._int_mm`` is ~100x slower than fp32 matmul.
+
+Activation-quantization modes (the numerics of :class:`slimfx.kernels.modules.Int8Linear`); in all of
+them the weight is int8 ``w_q [N, K]`` with a per-output-channel fp32 scale ``w_scale [N]``
+(symmetric, zero point 0) and ``y = s_x * w_scale[n] * sum_k (q_x - z_x)[m, k] * w_q[n, k] + bias[n]``:
+
+* ``dynamic_per_token``: per row ``s_x = absmax(x[m]) / 127`` (clamped >= 1e-8), ``z_x = 0``,
+  ``q_x = clamp(round_half_even(x / s_x), -127, 127)``. Identical to ``reference.w8a8_linear_ref``
+  and the GPU kernel.
+* ``dynamic_per_tensor``: torch.ao / fbgemm dynamic quantization with ``reduce_range`` (7-bit
+  activations, which never saturate int8 instructions on AVX2): over the whole input
+  ``lo = min(min(x), 0)``, ``hi = max(max(x), 0)``, ``s_x = (hi - lo) / 127``,
+  ``z_x = clamp(round(-lo / s_x), 0, 127)`` (torch's ``ChooseQuantizationParams``),
+  ``q_x = clamp(round(x * (1 / s_x)) + z_x, 0, 127)``.
+* ``static_per_tensor``: a calibrated ``s_x`` and ``z_x`` in [0, 255] (quint8, the torch.ao static
+  convention), ``q_x = clamp(round_half_even(x / s_x) + z_x, 0, 255)``.
+
+Every candidate computes ``q_x`` the same way except fbgemm's own dynamic quantization (a vectorised
+multiply by ``1 / s_x`` whose ties may round differently); the tolerances in :data:`INT8_TOLERANCE`
+state how far a candidate may be from :func:`int8_linear_spec`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from slimfx.errors import KernelError
+
+ACT_MODES = ("dynamic_per_token", "dynamic_per_tensor", "static_per_tensor")
+
+#: Allowed ``max|y - spec| / max(max|spec|, 1e-6)`` per mode. The exact-integer modes only differ from
+#: the spec by fp32 rounding of the epilogue / summation order; ``dynamic_per_tensor`` also allows
+#: fbgemm's rounding of activation ties (at most one 7-bit step on a few elements).
+INT8_TOLERANCE = {"dynamic_per_token": 1e-4, "dynamic_per_tensor": 2e-2, "static_per_tensor": 1e-4}
+#: Same measure for block-sparse linear, per weight dtype (summation order only).
+BSR_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """How an :class:`Int8Linear` quantizes its input (see the module docstring for the numerics)."""
+
+    mode: str = "dynamic_per_token"
+    scale: float | None = None
+    zero_point: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ACT_MODES:
+            raise KernelError(f"activation mode {self.mode!r} is not one of {ACT_MODES}")
+        if self.mode == "static_per_tensor":
+            if self.scale is None or not (self.scale > 0 and math.isfinite(self.scale)):
+                raise KernelError(
+                    f"static_per_tensor needs a finite act_scale > 0 from calibration, got {self.scale!r}"
+                )
+            if self.zero_point is None or not 0 <= int(self.zero_point) <= 255:
+                raise KernelError(
+                    f"static_per_tensor needs act_zero_point in [0, 255] (quint8), got {self.zero_point!r}"
+                )
+        elif self.scale is not None or self.zero_point is not None:
+            raise KernelError(f"{self.mode} computes its activation scale itself; pass act_scale=None")
+
+
+@dataclass(frozen=True)
+class QuantizedActivation:
+    """An activation as the int8 GEMM operand ``values = q_u - offset`` plus its quantization params.
+
+    ``q_u`` is the unsigned code in [0, 255] with zero point ``zero_point``; ``row_scale`` is ``s_x``
+    per row. ``sum_k (q_u - zero_point) * w = sum_k values * w + shift * rowsum(w)``.
+    """
+
+    values: torch.Tensor
+    offset: int
+    zero_point: int
+    row_scale: torch.Tensor
+
+    @property
+    def shift(self) -> int:
+        return self.offset - self.zero_point
+
+    def unsigned(self) -> torch.Tensor:
+        """``q_u`` as uint8 (oneDNN's activation type)."""
+        return (self.values.to(torch.int16) + self.offset).to(torch.uint8)
+
+
+def choose_per_tensor_qparams(x: torch.Tensor, qmax: int = 127) -> tuple[float, int]:
+    """torch's ``ChooseQuantizationParams(min, max, 0, qmax)`` (used by dynamic quantized linear)."""
+    lo = min(float(x.min()), 0.0) if x.numel() else 0.0
+    hi = max(float(x.max()), 0.0) if x.numel() else 0.0
+    scale = (hi - lo) / qmax
+    if float(torch.tensor(scale, dtype=torch.float32)) == 0.0 or math.isinf(1.0 / scale):
+        scale = 0.1
+    small = 6.1e-5  # torch's SMALL_SCALE_THRESHOLD: tiny ranges are widened, keeping their sign pattern
+    if scale < small:
+        amplifier = small / scale
+        scale = small
+        if lo == 0:
+            hi = scale * qmax
+        elif hi == 0:
+            lo = -scale * qmax
+        else:
+            lo, hi = lo * amplifier, hi * amplifier
+    from_min = 0 - lo / scale
+    from_max = qmax - hi / scale
+    err_min = 0 - abs(lo / scale)
+    err_max = qmax - abs(hi / scale)
+    initial = from_min if err_min < err_max else from_max
+    zero_point = 0 if initial < 0 else (qmax if initial > qmax else int(round(initial)))
+    return float(torch.tensor(scale, dtype=torch.float32)), zero_point
+
+
+def quantize_activation(x2d: torch.Tensor, act: ActQuant) -> QuantizedActivation:
+    """Quantize a 2-D float activation ``[M, K]`` per ``act`` (the spec every candidate shares)."""
+    x = x2d.float()
+    if act.mode == "dynamic_per_token":
+        from slimfx.kernels import reference
+
+        q, scale = reference.quantize_per_token_ref(x)
+        return QuantizedActivation(q, offset=128, zero_point=128, row_scale=scale.float())
+    if act.mode == "dynamic_per_tensor":
+        scale, zp = choose_per_tensor_qparams(x)
+        inv = torch.tensor(1.0 / scale, dtype=torch.float32)
+        q = torch.clamp(torch.round(x * inv) + zp, 0, 127)
+        values = (q - zp).to(torch.int8)
+        row_scale = torch.full((x.shape[0],), scale, dtype=torch.float32, device=x.device)
+        return QuantizedActivation(values, offset=zp, zero_point=zp, row_scale=row_scale)
+    scale, zp = float(act.scale), int(act.zero_point)
+    q = torch.clamp(torch.round(x / torch.tensor(scale, dtype=torch.float32)) + zp, 0, 255)
+    values = (q - 128).to(torch.int8)
+    row_scale = torch.full((x.shape[0],), scale, dtype=torch.float32, device=x.device)
+    return QuantizedActivation(values, offset=128, zero_point=zp, row_scale=row_scale)
+
+
+def int8_linear_spec(x2d: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                     bias: torch.Tensor | None, act: ActQuant) -> torch.Tensor:
+    """The exact value of an int8 linear (fp64 accumulation of integer products, exact for K < 2**37).
+
+    For ``dynamic_per_token`` this equals ``reference.w8a8_linear_ref`` up to its fp32 epilogue
+    rounding; the tests check that.
+    """
+    qa = quantize_activation(x2d, act)
+    acc = (qa.values.double() + qa.shift) @ w_q.double().t()
+    y = acc * qa.row_scale.double()[:, None] * w_scale.double()[None, :]
+    if bias is not None:
+        y = y + bias.double()
+    return y.float()
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max|out - ref| / max(max|ref|, 1e-6)``; inf when shapes differ or out is not finite."""
+    if out.shape != ref.shape or not torch.isfinite(out).all():
+        return math.inf
+    if ref.numel() == 0:
+        return 0.0
+    diff = (out.double() - ref.double()).abs().max().item()
+    return diff / max(ref.double().abs().max().item(), 1e-6)
+
+
+class PreparedKernel(Protocol):
+    def run(self, x2d: torch.Tensor) -> torch.Tensor: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# int8 linear candidates. prepare(w_q int8 [N, K], w_scale fp32 [N], bias fp32 [N] | None, act)
+# --------------------------------------------------------------------------------------------------
+
+
+class _Int8Candidate:
+    name = ""
+    modes: tuple[str, ...] = ACT_MODES
+
+    def is_available(self) -> bool:
+        return True
+
+    def supports(self, act: ActQuant) -> bool:
+        return act.mode in self.modes
+
+    def __repr__(self) -> str:
+        return f"<int8 candidate {self.name}>"
+
+
+class _DenseInt8Run:
+    def __init__(self, w_q, w_scale, bias, act):
+        self.weight = w_q.float() * w_scale.float()[:, None]
+        self.bias = None if bias is None else bias.float()
+        self.act = act
+
+    def run(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self.act.mode == "dynamic_per_token":
+            # quantize_per_token_ref's exact ops, kept in fp32 and in place: each elementwise op is an
+            # OpenMP region, and on a loaded machine every region costs a scheduler slice
+            xf = x2d.float()
+            scale = (xf.abs().amax(dim=1, keepdim=True) / 127).clamp_min_(1e-8)
+            x_hat = torch.div(xf, scale).round_().clamp_(-127, 127).mul_(scale)
+        else:
+            qa = quantize_activation(x2d, self.act)
+            x_hat = (qa.values.float() + qa.shift) * qa.row_scale[:, None]
+        return F.linear(x_hat, self.weight, self.bias)
+
+
+class DenseInt8(_Int8Candidate):
+    """Dequantized fp32 weight + fake-quantized activation through fp32 ``F.linear`` (always works)."""
+
+    name = "dense"
+
+    def prepare(self, w_q, w_scale, bias, act) -> PreparedKernel:
+        return _DenseInt8Run(w_q, w_scale, bias, act)
+
+
+class _IntMMRun:
+    def __init__(self, w_q, w_scale, bias, act):
+        self.w_t = w_q.t()
+        self.w_scale = w_scale.float()
+        self.bias = None if bias is None else bias.float()
+        self.rowsum = w_q.sum(dim=1, dtype=torch.int32)
+        self.act = act
+
+    def run(self, x2d: torch.Tensor) -> torch.Tensor:
+        qa = quantize_activation(x2d, self.act)
+        acc = torch._int_mm(qa.values, self.w_t)
+        if qa.shift:
+            acc = acc + qa.shift * self.rowsum
+        y = acc.float() * qa.row_scale[:, None] * self.w_scale[None, :]
+        return y if self.bias is None else y + self.bias
+
+
+class IntMM(_Int8Candidate):
+    """``torch._int_mm`` (int8 x int8 -> int32) with the quantization and epilogue in torch."""
+
+    name = "int_mm"
+
+    def is_available(self) -> bool:
+        return hasattr(torch, "_int_mm")
+
+    def prepare(self, w_q, w_scale, bias, act) -> PreparedKernel:
+        return _IntMMRun(w_q, w_scale, bias, act)
+
+
+def _quantized_engine_for_prepack() -> str | None:
+    engines = torch.backends.quantized.supported_engines
+    for engine in ("x86", "fbgemm"):
+        if engine in engines:
+            return engine
+    return None
+
+
+class _FbgemmRun:
+    def __init__(self, w_q, w_scale, bias, act):
+        engine = _quantized_engine_for_prepack()
+        previous = torch.backends.quantized.engine
+        zeros = torch.zeros(w_q.shape[0], dtype=torch.long)
+        try:
+            torch.backends.quantized.engine = engine
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # quantized tensor creation is deprecated; prepack needs one
+                qweight = torch._make_per_channel_quantized_tensor(w_q, w_scale.double(), zeros, 0)
+                self.packed = torch.ops.quantized.linear_prepack(
+                    qweight, None if bias is None else bias.float())
+        finally:
+            torch.backends.quantized.engine = previous
+
+    def run(self, x2d: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x2d.float(), self.packed, True)
+
+
+class FbgemmDynamic(_Int8Candidate):
+    """fbgemm prepacked dynamic quantized linear (torch.ao's engine): ``dynamic_per_tensor`` only."""
+
+    name = "fbgemm"
+    modes = ("dynamic_per_tensor",)
+
+    def is_available(self) -> bool:
+        return (_quantized_engine_for_prepack() is not None and hasattr(torch.ops.quantized, "linear_dynamic")
+                and hasattr(torch, "_make_per_channel_quantized_tensor"))
+
+    def prepare(self, w_q, w_scale, bias, act) -> PreparedKernel:
+        return _FbgemmRun(w_q, w_scale, bias, act)
+
+
+class _OnednnRun:
+    def __init__(self, w_q, w_scale, bias, act):
+        self.packed = torch.ops.onednn.qlinear_prepack(w_q.contiguous(), None)
+        self.w_scale = w_scale.float().contiguous()
+        self.w_zero_point = torch.zeros(w_q.shape[0], dtype=torch.long)
+        self.bias = None if bias is None else bias.float()
+        self.act = act
+
+    def run(self, x2d: torch.Tensor) -> torch.Tensor:
+        qa = quantize_activation(x2d, self.act)
+        per_row = self.act.mode == "dynamic_per_token"
+        x_scale = 1.0 if per_row else float(qa.row_scale[0]) if qa.row_scale.numel() else 1.0
+        y = torch.ops.onednn.qlinear_pointwise(
+            qa.unsigned(), x_scale, qa.zero_point, self.packed, self.w_scale, self.w_zero_point,
+            None if per_row else self.bias, 1.0, 0, torch.float32, "none", [], "")
+        if per_row:
+            y = y * qa.row_scale[:, None]
+            if self.bias is not None:
+                y = y + self.bias
+        return y
+
+
+class OnednnQLinear(_Int8Candidate):
+    """oneDNN prepacked u8 x s8 linear with an fp32 output (exact on VNNI; saturates on AVX2 for 8-bit)."""
+
+    name = "onednn"
+
+    def is_available(self) -> bool:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+    def prepare(self, w_q, w_scale, bias, act) -> PreparedKernel:
+        return _OnednnRun(w_q, w_scale, bias, act)
+
+
+def triton_available() -> bool:
+    """Triton runs on CUDA, or on CPU tensors only under ``TRITON_INTERPRET=1`` (tests)."""
+    import os
+
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class _TritonInt8Run:
+    def __init__(self, w_q, w_scale, bias, act):
+        self.w_q, self.w_scale = w_q, w_scale.float()
+        self.bias = None if bias is None else bias.float()
+        self.rowsum = w_q.sum(dim=1, dtype=torch.int32).float()
+        self.act = act
+
+    def run(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self.act.mode == "dynamic_per_token":
+            from slimfx.kernels import triton_quant
+
+            return triton_quant.w8a8_linear(x2d, self.w_q, self.w_scale, self.bias, out_dtype=torch.float32)
+        from slimfx.kernels import triton_int8_gemm
+
+        qa = quantize_activation(x2d, self.act)
+        bias = self.bias
+        if qa.shift:  # static zero point: sum (q - z) w = sum a w + shift * rowsum(w), a per-column constant
+            correction = qa.shift * float(qa.row_scale[0]) * self.rowsum * self.w_scale
+            bias = correction if bias is None else bias + correction
+        return triton_int8_gemm.int8_gemm(qa.values, self.w_q, b_layout="nk", row_scale=qa.row_scale,
+                                          col_scale=self.w_scale, bias=bias, out_dtype=torch.float32)
+
+
+class TritonInt8(_Int8Candidate):
+    """The Triton int8 kernels (CUDA; on CPU only forced, under ``TRITON_INTERPRET=1``)."""
+
+    name = "triton"
+
+    def is_available(self) -> bool:
+        return triton_available()
+
+    def prepare(self, w_q, w_scale, bias, act) -> PreparedKernel:
+        return _TritonInt8Run(w_q, w_scale, bias, act)
+
+
+INT8_CANDIDATES: dict[str, _Int8Candidate] = {
+    c.name: c for c in (DenseInt8(), FbgemmDynamic(), OnednnQLinear(), IntMM(), TritonInt8())
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# block-sparse linear candidates. prepare(w: BSRWeight, bias | None); run(x2d) in the weight's dtype
+# --------------------------------------------------------------------------------------------------
+
+
+def bsr_linear_spec(x2d: torch.Tensor, w, bias: torch.Tensor | None) -> torch.Tensor:
+    """Block-sparse linear ``x @ W^T + b`` in fp64 (the value candidates are checked against)."""
+    from slimfx.kernels import bsr
+
+    y = x2d.double() @ bsr.bsr_to_dense(w).double().t()
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(w.values.dtype)
+
+
+class _BsrCandidate:
+    name = ""
+
+    def is_available(self) -> bool:
+        return True
+
+    def supports(self, w) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return f"<block-sparse candidate {self.name}>"
+
+
+class _SparseMatmulRun:
+    def __init__(self, weight_sparse: torch.Tensor, bias, dtype):
+        self.weight = weight_sparse
+        self.bias = bias
+        self.dtype = dtype
+
+    def run(self, x2d: torch.Tensor) -> torch.Tensor:
+        y = (self.weight @ x2d.to(self.dtype).t()).t()
+        return y if self.bias is None else y + self.bias
+
+
+class TorchBsr(_BsrCandidate):
+    """torch's BSR tensor times the transposed activation (MKL sparse BLAS on CPU)."""
+
+    name = "torch_bsr"
+
+    def supports(self, w) -> bool:
+        return w.block[0] == w.block[1] or w.device.type != "cpu"
+
+    def prepare(self, w, bias) -> PreparedKernel:
+        from slimfx.kernels import bsr
+
+        if not self.supports(w):
+            raise KernelError(f"torch_bsr: torch's CPU BSR matmul (MKL) needs square blocks, got block "
+                              f"{w.block}; use torch_csr or dense")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's "sparse is beta" / "invariant checks" notices
+            weight = bsr.to_torch_bsr(w)
+        return _SparseMatmulRun(weight, None if bias is None else bias.to(w.values.dtype), w.values.dtype)
+
+
+class TorchCsr(_BsrCandidate):
+    """torch's CSR tensor (element sparsity; zeros inside kept blocks are dropped too)."""
+
+    name = "torch_csr"
+
+    def prepare(self, w, bias) -> PreparedKernel:
+        from slimfx.kernels import bsr
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's "sparse is beta" / "invariant checks" notices
+            weight = bsr.bsr_to_dense(w).to_sparse_csr()
+        return _SparseMatmulRun(weight, None if bias is None else bias.to(w.values.dtype), w.values.dtype)
+
+
+class _DenseBsrRun:
+    def __init__(self, weight, bias):
+        self.weight, self.bias = weight, bias
+
+    def run(self, x2d: torch.Tensor) -> torch.Tensor:
+        return F.linear(x2d.to(self.weight.dtype), self.weight, self.bias)
+
+
+class DenseBsr(_BsrCandidate):
+    """The weight densified once, through ``F.linear`` (always works; wins below ~75% sparsity)."""
+
+    name = "dense"
+
+    def prepare(self, w, bias) -> PreparedKernel:
+        from slimfx.kernels import bsr
+
+        return _DenseBsrRun(bsr.bsr_to_dense(w), None if bias is None else bias.to(w.values.dtype))
+
+
+class _TritonBsrRun:
+    def __init__(self, w, bias):
+        self.w, self.bias = w, bias
+
+    def run(self, x2d: torch.Tensor) -> torch.Tensor:
+        from slimfx.kernels import triton_bsr
+
+        return triton_bsr.bsr_linear(x2d.to(self.w.values.dtype), self.w, self.bias)
+
+
+class TritonBsr(_BsrCandidate):
+    """The Triton BSR kernel (CUDA; on CPU only forced, under ``TRITON_INTERPRET=1``)."""
+
+    name = "triton"
+
+    def is_available(self) -> bool:
+        return triton_available()
+
+    def prepare(self, w, bias) -> PreparedKernel:
+        return _TritonBsrRun(w, bias)
+
+
+BSR_CANDIDATES: dict[str, _BsrCandidate] = {
+    c.name: c for c in (DenseBsr(), TorchBsr(), TorchCsr(), TritonBsr())
+}

@@ -1,0 +1,458 @@
+"""Pick the fastest *correct* kernel for this machine and shape, measure once, remember on disk.
+
+CUDA tensors always go to the Triton kernels. On CPU every available candidate of
+:mod:`slimfx.kernels.cpu_kernels` is run on a probe input (random rows plus worst-case rows that make
+int8 instructions saturate if they can) and compared with the spec; a candidate outside the tolerance is
+never chosen and the reason is recorded. The correct ones are timed (a warm run, then up to a few runs
+within :data:`TIME_BUDGET_S`; the fastest run counts) and the fastest wins. The choice is cached in
+memory (once per process per shape bucket) and in a JSON file (``$SLIMFX_CACHE_DIR/kernels.json`` or
+``~/.cache/slimfx/kernels.json``) keyed by machine (CPU model + torch CPU capability + torch version),
+kernel family and shape bucket (M rounded up to a power of two, N, K, dtype, mode / block and density).
+
+``SLIMFX_KERNEL=<name>`` (or ``int8:<name>,bsr:<name>``), or a module's ``kernel=`` option, forces a
+candidate without measuring; ``triton`` on CPU tensors runs the Triton interpreter and needs
+``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from slimfx.errors import KernelError, did_you_mean
+from slimfx.kernels import cpu_kernels
+from slimfx.kernels.cpu_kernels import ActQuant
+
+FAMILIES = ("int8", "bsr")
+TIME_BUDGET_S = 0.3
+MAX_TIMED_RUNS = 5
+CHECK_ROWS = 16
+#: A candidate whose small runs extrapolate to this many times the best time so far is not timed in full
+#: (``torch._int_mm`` on AVX2 would take seconds per shape).
+SLOW_FACTOR = 8.0
+PILOT_ROWS = 16
+CACHE_VERSION = 1
+
+_memory: dict[str, Choice] = {}
+_lock = threading.Lock()
+
+
+@dataclass
+class Choice:
+    """The outcome of measuring one family at one shape bucket on one machine."""
+
+    family: str
+    machine: str
+    bucket: str
+    choice: str
+    times_ms: dict[str, float] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ machine, keys, cache file
+
+
+def cpu_model() -> str:
+    """The CPU model string (``model name`` in /proc/cpuinfo, else platform.processor())."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def machine_id() -> str:
+    """What a cached choice is valid for: CPU model, torch's CPU capability and the torch version."""
+    return f"{cpu_model()} | {torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__}"
+
+
+def cache_path() -> Path:
+    """``$SLIMFX_CACHE_DIR/kernels.json``, else ``~/.cache/slimfx/kernels.json``."""
+    root = os.environ.get("SLIMFX_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "slimfx"
+    return base / "kernels.json"
+
+
+def _round_up_pow2(m: int) -> int:
+    return 1 if m <= 1 else 1 << (int(m) - 1).bit_length()
+
+
+def _density_bucket(density: float) -> float:
+    """Density rounded to 5%, never 0 (speed depends on it smoothly; 5% steps keep the cache small)."""
+    return max(0.05, round(density * 20) / 20)
+
+
+def int8_bucket(m: int, n: int, k: int, act: ActQuant, dtype: torch.dtype) -> str:
+    return f"M{_round_up_pow2(m)} N{n} K{k} {str(dtype).removeprefix('torch.')} {act.mode}"
+
+
+def bsr_bucket(m: int, n: int, k: int, block: tuple[int, int], density: float, dtype: torch.dtype) -> str:
+    return (f"M{_round_up_pow2(m)} N{n} K{k} {str(dtype).removeprefix('torch.')} "
+            f"block{block[0]}x{block[1]} density{_density_bucket(density):.2f}")
+
+
+def _key(family: str, machine: str, bucket: str) -> str:
+    return f"{family} || {machine} || {bucket}"
+
+
+def _read_cache_file() -> dict[str, dict]:
+    path = cache_path()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # missing or corrupt: measure again and rewrite
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+        return {}
+    entries = data.get("entries")
+    return entries if isinstance(entries, dict) else {}
+
+
+def _write_cache_entry(key: str, choice: Choice) -> None:
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entries = _read_cache_file()
+        entries[key] = asdict(choice)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernels.", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": CACHE_VERSION, "entries": entries}, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file, never half
+    except OSError:
+        pass  # a read-only home must not break inference; the in-memory cache still holds the choice
+
+
+def _choice_from_json(entry: dict) -> Choice | None:
+    try:
+        return Choice(family=entry["family"], machine=entry["machine"], bucket=entry["bucket"],
+                      choice=entry["choice"], times_ms=dict(entry.get("times_ms", {})),
+                      rejected=dict(entry.get("rejected", {})))
+    except (KeyError, TypeError):
+        return None
+
+
+def clear_memory_cache() -> None:
+    """Forget the choices made in this process (the disk cache is untouched)."""
+    with _lock:
+        _memory.clear()
+
+
+# ------------------------------------------------------------------ forcing
+
+
+def _candidates(family: str) -> dict:
+    if family == "int8":
+        return cpu_kernels.INT8_CANDIDATES
+    if family == "bsr":
+        return cpu_kernels.BSR_CANDIDATES
+    raise KernelError(f"kernel family {family!r} is not one of {FAMILIES}")
+
+
+def forced_kernel(family: str, kernel: str | None = None) -> str | None:
+    """The candidate forced for ``family`` by ``kernel`` (a module option) or ``$SLIMFX_KERNEL``, or None.
+
+    ``SLIMFX_KERNEL`` is a name (applies to every family) or ``family:name`` pairs joined by commas;
+    ``auto`` or empty means measure.
+    """
+    name = kernel
+    if name is None:
+        spec = os.environ.get("SLIMFX_KERNEL", "").strip()
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            fam, sep, value = part.partition(":")
+            if not sep:
+                name = part
+            elif fam.strip() == family:
+                name = value.strip()
+            elif fam.strip() not in FAMILIES:
+                raise KernelError(f"SLIMFX_KERNEL={spec!r}: family {fam.strip()!r} is not one of "
+                                  f"{FAMILIES}{did_you_mean(fam.strip(), FAMILIES)}")
+    if name is None or name in ("", "auto"):
+        return None
+    names = _candidates(family)
+    if name not in names:
+        raise KernelError(f"kernel {name!r} is not a {family} kernel; choose one of "
+                          f"{sorted(names)} or 'auto'{did_you_mean(name, names)}")
+    return name
+
+
+def _check_forced_runnable(family: str, name: str, device: torch.device) -> None:
+    if device.type != "cpu" and name != "triton":
+        raise KernelError(f"{family} kernel {name!r} is a CPU kernel but the input is on {device}; "
+                          "CUDA tensors always use 'triton' (unset SLIMFX_KERNEL / kernel=)")
+    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise KernelError(f"{family} kernel 'triton' on CPU tensors runs the Triton interpreter and needs "
+                          "TRITON_INTERPRET=1 set before triton is imported; otherwise use a CPU kernel")
+    candidate = _candidates(family)[name]
+    if not candidate.is_available():
+        raise KernelError(f"{family} kernel {name!r} is not available on this machine / torch build; "
+                          f"choose one of {available_kernels(family)}")
+
+
+def available_kernels(family: str) -> list[str]:
+    """Names of the candidates of ``family`` usable on CPU tensors here (triton only when interpreted)."""
+    return [n for n, c in _candidates(family).items() if c.is_available()]
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def _best_ms(fn: Callable[[], object], budget_s: float) -> float:
+    """The fastest of a few warm runs: other processes on the cores only ever add time, so the minimum
+    is the steadiest estimate of a kernel's own speed on a shared machine (the median flips choices)."""
+    start = time.perf_counter()
+    fn()  # warm: first-call allocations, lazy prepacking inside the library
+    first = time.perf_counter() - start
+    if first >= budget_s:
+        return first * 1e3
+    times = []
+    deadline = time.perf_counter() + budget_s - first
+    while len(times) < MAX_TIMED_RUNS and (not times or time.perf_counter() < deadline):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times) * 1e3
+
+
+def _extrapolate_ms(prepared, x_full: torch.Tensor, m_full: int) -> float | None:
+    """Full-size time from two small runs (fixed cost + per-row cost), or None when M is small anyway.
+
+    A negative or noisy slope under-estimates, which only means the candidate is timed in full.
+    """
+    if m_full < 4 * PILOT_ROWS:
+        return None
+    t_small = _best_ms(lambda: prepared.run(x_full[:PILOT_ROWS]), budget_s=0.03)
+    t_large = _best_ms(lambda: prepared.run(x_full[: 2 * PILOT_ROWS]), budget_s=0.03)
+    per_row = max(t_large - t_small, 0.0) / PILOT_ROWS
+    return t_small + per_row * (m_full - PILOT_ROWS)
+
+
+def _measure(family: str, machine: str, bucket: str, m_full: int,
+             prepare: Callable[[object], object], x_full: torch.Tensor, x_check: torch.Tensor,
+             ref_check: torch.Tensor, tolerance: float, candidates: Iterable[str]) -> Choice:
+    times: dict[str, float] = {}
+    rejected: dict[str, str] = {}
+    table = _candidates(family)
+    for name in candidates:
+        cand = table[name]
+        if name == "triton":
+            continue  # on CPU the Triton interpreter is a test mode, never a speed candidate
+        if not cand.is_available():
+            rejected[name] = "not available in this torch build / on this CPU"
+            continue
+        try:
+            prepared = prepare(cand)
+            out = prepared.run(x_check)
+        except Exception as e:  # a candidate that cannot run here is reported, never fatal
+            rejected[name] = f"raised {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            continue
+        err = cpu_kernels.relative_error(out, ref_check)
+        if not err <= tolerance:
+            rejected[name] = (f"wrong numbers on the probe: relative error {err:.3g} > "
+                              f"tolerance {tolerance:g}"
+                              " (e.g. int16 saturation of 8-bit int8 instructions without VNNI)")
+            continue
+        estimate = _extrapolate_ms(prepared, x_full, m_full) if times else None
+        if estimate is not None and estimate > SLOW_FACTOR * min(times.values()):
+            rejected[name] = (f"too slow: ~{estimate:.1f} ms extrapolated from {PILOT_ROWS}- and "
+                              f"{2 * PILOT_ROWS}-row runs vs {min(times.values()):.2f} ms best")
+            continue
+        times[name] = round(_best_ms(lambda p=prepared: p.run(x_full), TIME_BUDGET_S), 4)
+    if not times:
+        raise KernelError(f"no {family} kernel is correct on this machine for {bucket}: {rejected}")
+    choice = min(times, key=times.__getitem__)
+    return Choice(family=family, machine=machine, bucket=bucket, choice=choice, times_ms=times,
+                  rejected=rejected)
+
+
+def _lookup_or_measure(family: str, bucket: str, measure: Callable[[str], Choice]) -> Choice:
+    machine = machine_id()
+    key = _key(family, machine, bucket)
+    with _lock:
+        hit = _memory.get(key)
+        if hit is not None:
+            return hit
+        entry = _read_cache_file().get(key)
+        choice = _choice_from_json(entry) if isinstance(entry, dict) else None
+        if choice is None or choice.choice not in _candidates(family) or \
+                not _candidates(family)[choice.choice].is_available():
+            choice = measure(machine)
+            _write_cache_entry(key, choice)
+        _memory[key] = choice
+        return choice
+
+
+def _probe_int8_weights(n: int, k: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w_q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    w_q[0, : min(k, 2)] = 127  # the worst case for int16 pair sums: same-sign full-range neighbours
+    w_scale = torch.rand(n, generator=g) * 0.02 + 1e-3
+    bias = torch.randn(n, generator=g)
+    return w_q, w_scale, bias
+
+
+def _probe_activation(rows: int, k: int, w_first_row: torch.Tensor | None, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g)
+    if rows > 2 and w_first_row is not None:
+        x[0] = 3.0  # all codes at the top of the range
+        x[1] = torch.where(w_first_row >= 0, 3.0, -3.0)  # codes aligned with weight row 0: max |pair sum|
+    return x
+
+
+def measure_int8(m: int, n: int, k: int, act: ActQuant | None = None,
+                 dtype: torch.dtype = torch.float32, candidates: Iterable[str] | None = None) -> Choice:
+    """Measure every int8 candidate at this shape on synthetic full-range weights (uncached)."""
+    act = act or ActQuant()
+    w_q, w_scale, bias = _probe_int8_weights(n, k)
+    mm = _round_up_pow2(m)
+    x_full = _probe_activation(mm, k, None, seed=2).to(dtype)
+    x_check = _probe_activation(min(mm, CHECK_ROWS), k, w_q[0]).to(dtype)
+    ref = cpu_kernels.int8_linear_spec(x_check, w_q, w_scale, bias, act)
+    names = [c for c in (candidates or _candidates("int8")) if _candidates("int8")[c].supports(act)]
+    return _measure("int8", machine_id(), int8_bucket(m, n, k, act, dtype), mm,
+                    lambda cand: cand.prepare(w_q, w_scale, bias, act), x_full, x_check, ref,
+                    cpu_kernels.INT8_TOLERANCE[act.mode], names)
+
+
+def _probe_bsr_weight(n: int, k: int, block: tuple[int, int], density: float, dtype: torch.dtype):
+    from slimfx.kernels import bsr
+
+    bh, bw = block
+    g = torch.Generator().manual_seed(0)
+    grid = (-(-n // bh), -(-k // bw))
+    keep = torch.rand(grid, generator=g) < density
+    keep.view(-1)[0] = True
+    mask = keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:n, :k]
+    w = (torch.randn(n, k, generator=g) * mask).to(dtype)
+    return bsr.dense_to_bsr(w, block), torch.randn(n, generator=g).to(dtype)
+
+
+def measure_bsr(m: int, n: int, k: int, block: tuple[int, int], density: float,
+                dtype: torch.dtype = torch.float32, candidates: Iterable[str] | None = None) -> Choice:
+    """Measure every block-sparse candidate at this shape and density on a synthetic weight (uncached)."""
+    w, bias = _probe_bsr_weight(n, k, block, _density_bucket(density), dtype)
+    mm = _round_up_pow2(m)
+    x_full = _probe_activation(mm, k, None, seed=2).to(dtype)
+    x_check = _probe_activation(min(mm, CHECK_ROWS), k, None).to(dtype)
+    ref = cpu_kernels.bsr_linear_spec(x_check, w, bias)
+    return _measure("bsr", machine_id(), bsr_bucket(m, n, k, block, density, dtype), mm,
+                    lambda cand: cand.prepare(w, bias), x_full, x_check, ref,
+                    cpu_kernels.BSR_TOLERANCE.get(dtype, 1e-2), candidates or list(_candidates("bsr")))
+
+
+def select_int8_kernel(m: int, n: int, k: int, act: ActQuant | None = None, *,
+                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                       kernel: str | None = None) -> str:
+    """The int8 linear candidate to run for an ``[m, k]`` input and an ``[n, k]`` weight.
+
+    CUDA → ``triton``; a forced kernel (``kernel`` or ``$SLIMFX_KERNEL``) as is; else the cached or
+    freshly measured fastest correct CPU candidate.
+    """
+    act = act or ActQuant()
+    device = torch.device(device)
+    forced = forced_kernel("int8", kernel)
+    if forced is not None:
+        _check_forced_runnable("int8", forced, device)
+        if not _candidates("int8")[forced].supports(act):
+            raise KernelError(f"int8 kernel {forced!r} does not implement activation mode {act.mode!r}; "
+                              f"it supports {_candidates('int8')[forced].modes}")
+        return forced
+    if device.type != "cpu":
+        return "triton"
+    bucket = int8_bucket(m, n, k, act, dtype)
+    return _lookup_or_measure("int8", bucket, lambda _machine: measure_int8(m, n, k, act, dtype)).choice
+
+
+def select_bsr_kernel(m: int, n: int, k: int, block: tuple[int, int], density: float, *,
+                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                      kernel: str | None = None) -> str:
+    """The block-sparse linear candidate to run (same rules as :func:`select_int8_kernel`)."""
+    device = torch.device(device)
+    forced = forced_kernel("bsr", kernel)
+    if forced is not None:
+        _check_forced_runnable("bsr", forced, device)
+        return forced
+    if device.type != "cpu":
+        return "triton"
+    bucket = bsr_bucket(m, n, k, block, density, dtype)
+    return _lookup_or_measure("bsr", bucket,
+                              lambda _machine: measure_bsr(m, n, k, block, density, dtype)).choice
+
+
+# ------------------------------------------------------------------ the `slimfx kernels` table
+
+
+def choice_table() -> list[dict]:
+    """Every choice known for this machine (this process's and the disk cache's), as plain dicts."""
+    machine = machine_id()
+    rows: dict[str, dict] = {}
+    for key, entry in _read_cache_file().items():
+        choice = _choice_from_json(entry) if isinstance(entry, dict) else None
+        if choice is not None and choice.machine == machine:
+            rows[key] = asdict(choice)
+    with _lock:
+        for key, choice in _memory.items():
+            rows[key] = asdict(choice)
+    return sorted(rows.values(), key=lambda r: (r["family"], r["bucket"]))
+
+
+def format_choice_table(rows: list[dict]) -> str:
+    """A markdown table of ``rows`` (from :func:`choice_table`): the choice, every time, every rejection."""
+    lines = ["| family | shape bucket | chosen | times (ms) | rejected / skipped |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        times = ", ".join(f"{n} {t:.3g}" for n, t in sorted(r["times_ms"].items(), key=lambda kv: kv[1]))
+        rejected = "; ".join(f"{n}: {why}" for n, why in r["rejected"].items()) or "-"
+        lines.append(f"| {r['family']} | {r['bucket']} | **{r['choice']}** | {times} | {rejected} |")
+    return "\n".join(lines)
+
+
+DEFAULT_INT8_SHAPES = ((64, 1024, 1024), (256, 1024, 4096), (1024, 4096, 4096))
+DEFAULT_BSR_SHAPES = ((256, 1024, 1024, (32, 32), 0.5), (256, 1024, 1024, (32, 32), 0.25),
+                      (256, 1024, 1024, (32, 32), 0.1), (256, 4096, 4096, (64, 64), 0.1))
+
+
+def machine_summary() -> str:
+    """One line naming the CPU, its SIMD features and torch's capability (every CPU result carries it)."""
+    flags = cpu_flags()
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return (f"CPU: {cpu_model()} ({os.cpu_count()} logical cores) | "
+            f"flags: {' '.join(simd) or 'none found'} | "
+            f"torch {torch.__version__} capability {torch.backends.cpu.get_cpu_capability()}")
+
+
+def main_table(shapes: Iterable[tuple[int, int, int]] | None = None) -> str:
+    """Select (measuring where not cached) the kernels for default shapes; return the table as text.
+
+    ``shapes`` are int8 ``(M, K, N)`` triples; block-sparse rows use :data:`DEFAULT_BSR_SHAPES`.
+    """
+    for m, k, n in shapes or DEFAULT_INT8_SHAPES:
+        for mode in ("dynamic_per_token", "dynamic_per_tensor"):
+            select_int8_kernel(m, n, k, ActQuant(mode))
+    if shapes is None:
+        for m, k, n, block, density in DEFAULT_BSR_SHAPES:
+            select_bsr_kernel(m, n, k, block, density)
+    return f"{machine_summary()}\ncache: {cache_path()}\n\n{format_choice_table(choice_table())}"

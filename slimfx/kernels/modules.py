@@ -1,0 +1,252 @@
+"""The nn.Modules a compressed model runs on: :class:`Int8Linear` and :class:`BlockSparseLinear`.
+
+Both are inference modules whose state is plain tensors (buffers), so a state_dict saves with
+safetensors and loads without pickled objects. ``forward`` asks :mod:`slimfx.kernels.dispatch` which
+kernel to run (Triton on CUDA; the fastest correct CPU candidate for this machine and shape, measured
+once and cached; or the one forced by ``kernel=`` / ``$SLIMFX_KERNEL``) and prepacks the weight for it
+once. Under ``torch.fx`` tracing both modules record themselves as a single ``call_module`` node (a leaf)
+with any tracer; under FakeTensor / meta propagation they only compute the output shape.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import fx
+
+from slimfx.errors import KernelError
+from slimfx.kernels import cpu_kernels, dispatch
+from slimfx.kernels.bsr import BSRWeight, dense_to_bsr
+from slimfx.kernels.cpu_kernels import ACT_MODES, ActQuant
+
+
+def _is_shape_only(x: torch.Tensor) -> bool:
+    if x.device.type == "meta":
+        return True
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:
+        return False
+    return is_fake(x)
+
+
+def _record_leaf_call(module: nn.Module, x: fx.Proxy) -> fx.Proxy:
+    tracer = x.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (x,), {})
+
+
+def _version_token(*tensors: torch.Tensor | None) -> tuple:
+    return tuple((None if t is None else (t.data_ptr(), t._version, t.device)) for t in tensors)
+
+
+class _KernelModule(nn.Module):
+    """Shared machinery: the per-module cache of the prepacked weight for the chosen kernel."""
+
+    def __init__(self, kernel: str | None) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.last_kernel: str | None = None
+        self._prepared: tuple | None = None
+
+    def _prepared_for(self, name: str, token: tuple, prepare):
+        key = (name, token)
+        if self._prepared is None or self._prepared[0] != key:
+            self._prepared = (key, prepare())
+        self.last_kernel = name
+        return self._prepared[1]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_prepared"] = None  # prepacked library objects are rebuilt on demand, never copied/pickled
+        return state
+
+    def _kernel_repr(self) -> str:
+        if self.kernel is not None:
+            return f"kernel={self.kernel} (forced)"
+        return f"kernel=auto (last run: {self.last_kernel or 'not run yet'})"
+
+
+class Int8Linear(_KernelModule):
+    """``y = x @ dequant(W)^T + b`` with an int8 weight and quantized activations.
+
+    State (all buffers): ``weight_int8`` int8 [N, K], ``weight_scale`` fp32 [N] (per output channel,
+    symmetric), ``bias`` fp32 [N] or None, and for ``static_per_tensor`` ``act_scale`` (fp32 scalar) and
+    ``act_zero_point`` (int32 scalar, quint8 in [0, 255]). The activation is quantized per ``mode``:
+
+    * ``"dynamic_per_token"`` (default): symmetric int8 per row, the GPU kernel's numerics; reference
+      ``reference.w8a8_linear_ref``. Every kernel is within 1e-4 x max|reference| of it.
+    * ``"dynamic_per_tensor"``: torch.ao dynamic quantization (per-tensor asymmetric, 7-bit ``reduce_range``
+      activations), what fbgemm runs natively; within 2e-2 x max|spec| of
+      :func:`cpu_kernels.int8_linear_spec` (fbgemm rounds activation ties its own way).
+    * ``"static_per_tensor"``: the calibrated ``act_scale`` / ``act_zero_point``; within 1e-4 x max|spec|.
+
+    The output has the input's dtype; the arithmetic is int8 x int8 with an exact int32 accumulator (or
+    fp32 emulating it exactly for the dense kernel) and an fp32 epilogue.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 mode: str = "dynamic_per_token", act_scale: float | torch.Tensor | None = None,
+                 act_zero_point: int | torch.Tensor | None = None, kernel: str | None = None) -> None:
+        super().__init__(kernel)
+        if mode not in ACT_MODES:
+            raise KernelError(f"Int8Linear: mode {mode!r} is not one of {ACT_MODES}")
+        self.in_features, self.out_features, self.mode = int(in_features), int(out_features), mode
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
+        if mode == "static_per_tensor":
+            if act_scale is None:
+                raise KernelError("Int8Linear(mode='static_per_tensor') needs act_scale from calibration "
+                                  "(and act_zero_point in [0, 255], default 128)")
+            zp = 128 if act_zero_point is None else act_zero_point
+            self.register_buffer("act_scale", torch.as_tensor(act_scale, dtype=torch.float32).reshape(()))
+            self.register_buffer("act_zero_point", torch.as_tensor(zp, dtype=torch.int32).reshape(()))
+            self.act_quant()  # validate now, not at the first forward
+        elif act_scale is not None or act_zero_point is not None:
+            raise KernelError(f"Int8Linear(mode={mode!r}) computes activation scales itself; "
+                              "act_scale/act_zero_point are for mode='static_per_tensor'")
+        if kernel is not None:
+            dispatch.forced_kernel("int8", kernel)  # unknown names fail at construction
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, mode: str = "dynamic_per_token",
+                   act_scale: float | torch.Tensor | None = None, act_zero_point: int | None = None,
+                   kernel: str | None = None) -> Int8Linear:
+        """Quantize ``linear``'s weight per output channel, symmetric: ``scale = max(absmax/127, 1e-8)``,
+        ``q = clamp(round_half_even(w / scale), -127, 127)``; the bias is kept in fp32."""
+        if not isinstance(linear, nn.Linear):
+            raise KernelError(f"Int8Linear.from_float expects an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach().float()
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, mode,
+                     act_scale, act_zero_point, kernel).to(w.device)
+        scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-8)
+        module.weight_int8.copy_(torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
+        module.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach().float())
+        return module
+
+    def act_quant(self) -> ActQuant:
+        """The activation quantization this module applies (reads the static buffers when present)."""
+        if self.mode == "static_per_tensor":
+            return ActQuant(self.mode, float(self.act_scale), int(self.act_zero_point))
+        return ActQuant(self.mode)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The fp32 weight the int8 weight stands for."""
+        return self.weight_int8.float() * self.weight_scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, fx.Proxy):
+            return _record_leaf_call(self, x)
+        if x.shape[-1] != self.in_features:
+            raise KernelError(f"Int8Linear: input's last dim must be in_features={self.in_features}, "
+                              f"got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        if _is_shape_only(x):
+            return x.new_empty(*lead, self.out_features)
+        x2d = x.reshape(-1, self.in_features)
+        act = self.act_quant()
+        name = dispatch.select_int8_kernel(x2d.shape[0], self.out_features, self.in_features, act,
+                                           device=x.device, dtype=x.dtype, kernel=self.kernel)
+        token = _version_token(self.weight_int8, self.weight_scale, self.bias) + (act,)
+        prepared = self._prepared_for(name, token, lambda: cpu_kernels.INT8_CANDIDATES[name].prepare(
+            self.weight_int8, self.weight_scale, self.bias, act))
+        return prepared.run(x2d).to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, mode={self.mode}, {self._kernel_repr()}")
+
+
+class BlockSparseLinear(_KernelModule):
+    """``y = x @ W^T + b`` with ``W`` stored block-sparse (BSR: only nonzero ``(bh, bw)`` blocks).
+
+    State (buffers): ``crow_indices`` int32 [N/bh + 1], ``col_indices`` int32 [nnz_blocks], ``values``
+    [nnz_blocks, bh, bw], ``bias`` [N] or None. Any kernel equals ``reference.bsr_linear_ref`` up to
+    summation order (1e-4 x max|reference| in fp32). Loading a state_dict with a different number of
+    blocks resizes the buffers. The output has the input's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, block: tuple[int, int], nnz_blocks: int = 0,
+                 bias: bool = True, dtype: torch.dtype = torch.float32, kernel: str | None = None) -> None:
+        super().__init__(kernel)
+        bh, bw = int(block[0]), int(block[1])
+        if bh < 1 or bw < 1 or out_features % bh or in_features % bw:
+            raise KernelError(f"BlockSparseLinear: block {tuple(block)} must divide the weight "
+                              f"[{out_features}, {in_features}]")
+        self.in_features, self.out_features, self.block = int(in_features), int(out_features), (bh, bw)
+        self.register_buffer("crow_indices", torch.zeros(out_features // bh + 1, dtype=torch.int32))
+        self.register_buffer("col_indices", torch.zeros(nnz_blocks, dtype=torch.int32))
+        self.register_buffer("values", torch.zeros(nnz_blocks, bh, bw, dtype=dtype))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        if kernel is not None:
+            dispatch.forced_kernel("bsr", kernel)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, block: tuple[int, int] = (32, 32),
+                   kernel: str | None = None) -> BlockSparseLinear:
+        """Store ``linear``'s weight as BSR, keeping every block with any nonzero element."""
+        if not isinstance(linear, nn.Linear):
+            raise KernelError(f"BlockSparseLinear.from_dense expects an nn.Linear, "
+                              f"got {type(linear).__name__}")
+        w = dense_to_bsr(linear.weight.detach(), tuple(block))
+        return cls.from_bsr(w, None if linear.bias is None else linear.bias.detach(), kernel)
+
+    @classmethod
+    def from_bsr(cls, w: BSRWeight, bias: torch.Tensor | None = None,
+                 kernel: str | None = None) -> BlockSparseLinear:
+        """Wrap an existing :class:`BSRWeight` (and bias)."""
+        n, k = w.shape
+        module = cls(k, n, w.block, w.nnz_blocks, bias is not None, w.values.dtype, kernel).to(w.device)
+        module.crow_indices.copy_(w.crow_indices)
+        module.col_indices.copy_(w.col_indices)
+        module.values.copy_(w.values)
+        if bias is not None:
+            module.bias.copy_(bias)
+        return module
+
+    @property
+    def weight(self) -> BSRWeight:
+        return BSRWeight((self.out_features, self.in_features), self.block, self.crow_indices,
+                         self.col_indices, self.values)
+
+    @property
+    def density(self) -> float:
+        return self.weight.density
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name in ("col_indices", "values"):  # nnz_blocks is data, not architecture
+            incoming = state_dict.get(prefix + name)
+            if isinstance(incoming, torch.Tensor) and incoming.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(getattr(self, name)).resize_(incoming.shape))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, fx.Proxy):
+            return _record_leaf_call(self, x)
+        if x.shape[-1] != self.in_features:
+            raise KernelError(f"BlockSparseLinear: input's last dim must be in_features={self.in_features}, "
+                              f"got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        if _is_shape_only(x):
+            return x.new_empty(*lead, self.out_features)
+        x2d = x.reshape(-1, self.in_features)
+        w = self.weight
+        name = dispatch.select_bsr_kernel(x2d.shape[0], self.out_features, self.in_features, self.block,
+                                          w.density, device=x.device, dtype=self.values.dtype,
+                                          kernel=self.kernel)
+        token = _version_token(self.crow_indices, self.col_indices, self.values, self.bias)
+        prepared = self._prepared_for(name, token,
+                                      lambda: cpu_kernels.BSR_CANDIDATES[name].prepare(w, self.bias))
+        return prepared.run(x2d).to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}, "
+                f"density={self.density:.3f}, bias={self.bias is not None}, {self._kernel_repr()}")
+
+
+#: The kernel-backed modules (fx leaves; lowering passes produce them).
+KERNEL_MODULES = (Int8Linear, BlockSparseLinear)
