@@ -7,6 +7,9 @@ draws pipelines of registered passes that take no required data.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+
 from hypothesis import strategies as st
 
 from slimfx.frontend.trace import trace
@@ -20,13 +23,45 @@ __all__ = [
 ]
 
 
+# Derandomized property tests draw the same models for every pass; tracing (torch.export above all)
+# dominates an example's cost, so traced programs are shared. Programs are never mutated by passes
+# (run_pipeline clones), which makes sharing safe.
+_TRACED: OrderedDict[tuple, Program] = OrderedDict()
+_TRACED_MAX = 512
+
+
+def _fingerprint(case: ModelCase, frontend: str) -> tuple:
+    digest = hashlib.sha1()
+    for name, tensor in case.module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    for tensor in case.example_inputs:
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return frontend, case.description, case.module.training, digest.hexdigest()
+
+
+def trace_cached(case: ModelCase, frontend: str) -> Program:
+    """trace(case.module, case.example_inputs, frontend), memoised on the model's content."""
+    key = _fingerprint(case, frontend)
+    program = _TRACED.get(key)
+    if program is None:
+        program = trace(case.module, case.example_inputs, frontend=frontend)
+        _TRACED[key] = program
+        if len(_TRACED) > _TRACED_MAX:
+            _TRACED.popitem(last=False)
+    return program
+
+
 @st.composite
 def programs_with_cases(draw, model_strategy=None, frontend: str = "fx") -> tuple[Program, ModelCase]:
-    """A (Program, ModelCase) pair: a random model traced with ``frontend`` ("fx", "export" or "any")."""
+    """A (Program, ModelCase) pair: a random model traced with ``frontend`` ("fx", "export" or "any").
+
+    The Program is shared between draws of the same model: treat it as read-only (passes run on copies).
+    """
     case = draw(model_strategy if model_strategy is not None else models())
     if frontend == "any":
         frontend = draw(st.sampled_from(["fx", "export"]))
-    return trace(case.module, case.example_inputs, frontend=frontend), case
+    return trace_cached(case, frontend), case
 
 
 def programs(model_strategy=None, frontend: str = "fx") -> st.SearchStrategy[Program]:
