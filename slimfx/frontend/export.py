@@ -6,7 +6,11 @@ parameters as attributes, so the same passes (which read weights through get_att
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -23,7 +27,8 @@ def trace_export(model: nn.Module, example_inputs: tuple, strict: bool = False) 
     """
     root = copy.deepcopy(model)
     try:
-        exported = torch.export.export(root, tuple(example_inputs), strict=strict)
+        with _quiet_torch():
+            exported = torch.export.export(root, tuple(example_inputs), strict=strict)
         gm = exported.module()
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -37,6 +42,20 @@ def trace_export(model: nn.Module, example_inputs: tuple, strict: bool = False) 
     program = Program(gm, example_inputs, dialect="aten", training=model.training)
     program.propagate_meta()
     return program
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Silence torch.export's own printing of graphs and guard warnings: a failure becomes our TraceError,
+    which says what failed and what to do; pages of internal graph dumps only bury that message."""
+    shapes = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = shapes.level
+    shapes.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        shapes.setLevel(level)
 
 
 def _drop_export_guards(gm: torch.fx.GraphModule) -> None:

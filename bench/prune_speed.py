@@ -1,0 +1,106 @@
+"""Structured pruning, measured: slimfx prune-channels vs Torch-Pruning (DepGraph) on the same models.
+
+For a ResNet-style CNN and a ViT-style model (both defined in slimfx.zoo), 50% channel pruning with L1
+importance: params ratio, MACs ratio, CPU latency ratio (pruned / dense), time to prune, and the output
+error of an exactly-zeroed check is left to the tests. MACs and params are counted with Torch-Pruning's
+own counter for both tools (one yardstick). Torch-Pruning is an optional bench dependency:
+``pip install --no-deps torch-pruning``.
+
+    python bench/prune_speed.py [--sparsity 0.5] [--batch 32] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from machine import machine_line  # noqa: E402
+
+import slimfx  # noqa: E402
+from slimfx.zoo import get_model  # noqa: E402
+
+
+def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def count(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    import torch_pruning as tp
+
+    macs, params = tp.utils.count_ops_and_params(model, x)
+    return float(macs), float(params)
+
+
+def prune_slimfx(model: nn.Module, inputs: tuple, sparsity: float) -> tuple[nn.Module, float]:
+    start = time.perf_counter()
+    program = slimfx.trace(model, inputs)
+    result = slimfx.run_pipeline(program, f"prune-channels{{sparsity={sparsity},importance=l1}}")
+    return result.module, time.perf_counter() - start
+
+
+def prune_torch_pruning(model: nn.Module, inputs: tuple, sparsity: float) -> tuple[nn.Module, float]:
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model)
+    start = time.perf_counter()
+    outputs = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]  # the classifier keeps its classes
+    heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    pruner = tp.pruner.MetaPruner(
+        model, inputs[0], importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=sparsity,
+        ignored_layers=outputs, num_heads=heads, prune_head_dims=False, prune_num_heads=bool(heads),
+    )
+    pruner.step()
+    return model, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--models", default="resnet-mini,vit-mini")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    print(machine_line())
+    print(f"torch threads: {torch.get_num_threads()}; batch {args.batch}; sparsity {args.sparsity}\n")
+    print("| model | tool | time to prune s | params ratio | MACs ratio | latency ms (dense -> pruned) "
+          "| latency ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        model, inputs = get_model(name)
+        x = torch.randn(args.batch, *inputs[0].shape[1:])
+        dense_macs, dense_params = count(model, inputs[0])
+        dense_ms = latency_ms(model, x, args.repeats)
+        for tool, prune in (("slimfx", prune_slimfx), ("Torch-Pruning", prune_torch_pruning)):
+            try:
+                pruned, seconds = prune(model, inputs, args.sparsity)
+            except Exception as exc:  # report the peer's failure instead of crashing the comparison
+                print(f"| {name} | {tool} | failed: {type(exc).__name__}: {str(exc)[:80]} | | | | |")
+                continue
+            macs, params = count(pruned, inputs[0])
+            ms = latency_ms(pruned, x, args.repeats)
+            dense_ms = min(dense_ms, latency_ms(model, x, args.repeats))  # re-measured: the machine drifts
+            print(f"| {name} | {tool} | {seconds:.2f} | {params / dense_params:.3f} | {macs / dense_macs:.3f} | "
+                  f"{dense_ms:.2f} -> {ms:.2f} | {ms / dense_ms:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
