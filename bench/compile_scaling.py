@@ -95,7 +95,8 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     by = {(r["tool"], r["blocks"]): r for r in rows}
-    print("\n| blocks | nodes | slimfx s | slimfx peak MiB | prepare_fx s | prepare_fx peak MiB | slimfx / prepare_fx |")
+    print("\n| blocks | nodes | slimfx s | slimfx peak MiB | prepare_fx s | prepare_fx peak MiB "
+          "| slimfx / prepare_fx |")
     print("|---|---|---|---|---|---|---|")
     for blocks in sizes:
         s, p = by[("slimfx", blocks)], by[("prepare_fx", blocks)]

@@ -102,13 +102,16 @@ class FakeState:
         state.update(gm.named_buffers(remove_duplicate=False))
         twins: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         out = {}
-        with self.mode:  # only shape/dtype/strides matter: empty_strided is ~50x cheaper than from_tensor
-            for name, t in state.items():
-                entry = twins.get(id(t)) or self._twins.get(id(t))
-                if entry is None or entry[0] is not t or entry[1].shape != t.shape or entry[1].dtype != t.dtype:
-                    entry = (t, torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device))
-                twins[id(t)] = entry
-                out[name] = entry[1]
+        converter = self.mode.fake_tensor_converter
+        for name, t in state.items():
+            entry = twins.get(id(t)) or self._twins.get(id(t))
+            if entry is None or entry[0] is not t or entry[1].shape != t.shape or entry[1].dtype != t.dtype:
+                # only shape/dtype/strides matter; wrapping a meta tensor skips from_tensor's full
+                # description of the real one and the dispatch cache (each ~50x the cost of this)
+                meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+                entry = (t, converter.from_meta_and_device(self.mode, meta, t.device))
+            twins[id(t)] = entry
+            out[name] = entry[1]
         self._twins = twins
         return out
 

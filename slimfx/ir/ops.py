@@ -61,6 +61,8 @@ class OpKind(str, Enum):
     REDUCE = "reduce"
     IDENTITY = "identity"
     SHAPE = "shape"
+    MASK = "mask"
+    FAKE_QUANT = "fake_quant"
     UNKNOWN = "unknown"
 
 
@@ -102,6 +104,8 @@ KIND_INFO.update(
         OpKind.DROPOUT: KindInfo(elementwise=True, same_shape=True),
         OpKind.IDENTITY: KindInfo(elementwise=True, same_shape=True),
         OpKind.CONTIGUOUS: KindInfo(elementwise=True, same_shape=True),
+        OpKind.MASK: KindInfo(elementwise=True, same_shape=True),  # weight * mask (slimfx.passes.prune.masks)
+        OpKind.FAKE_QUANT: KindInfo(elementwise=True, same_shape=True),  # slimfx.passes.quant.fake_quant
     }
 )
 
@@ -292,6 +296,7 @@ _ATEN_PACKET_KINDS: dict[Any, OpKind] = {
     aten.contiguous: OpKind.CONTIGUOUS,
     aten.relu: OpKind.ACTIVATION,
     aten.hardtanh: OpKind.ACTIVATION,
+    aten.relu6: OpKind.ACTIVATION,  # F.relu6 exports as aten.relu6 (nn.ReLU6 as aten.hardtanh)
     aten.gelu: OpKind.ACTIVATION,
     aten.silu: OpKind.ACTIVATION,
     aten.sigmoid: OpKind.ACTIVATION,
@@ -416,6 +421,19 @@ def kind(node: fx.Node, module: nn.Module | None = None) -> OpKind:
             return OpKind.UNKNOWN
         return MODULE_KINDS.get(type(sub), OpKind.UNKNOWN)
     return OpKind.UNKNOWN
+
+
+def register_function_kind(fn: Any, op_kind: OpKind) -> None:
+    """Add a row for a call_function target defined outside this module (e.g. the pruning mask op).
+
+    Lets a pass family own its op without this module importing it (which would be an import cycle).
+    """
+    _TORCH_FUNCTION_KINDS[fn] = op_kind
+
+
+def register_module_kind(module_type: type, op_kind: OpKind) -> None:
+    """Add a row for an nn.Module type defined outside this module (e.g. FakeQuantize)."""
+    MODULE_KINDS[module_type] = op_kind
 
 
 def slots(node: fx.Node) -> Slots | None:

@@ -20,24 +20,27 @@ def verify(program: Program, after: str | None = None, check_meta: bool = True) 
     """
     where = f" after pass {after!r}" if after else ""
     gm = program.module
+    # Targets first: graph.lint() also rejects a missing target, but with a message that does not say
+    # whether a submodule or an attribute is missing.
+    for node in gm.graph.nodes:
+        _check_target(gm, node, where)
     try:
         gm.graph.lint()
     except Exception as exc:
         raise VerifyError(f"graph is malformed{where}: {exc}") from exc
-    for node in gm.graph.nodes:
-        _check_target(gm, node, where)
     fresh = meta_mod.infer_meta(gm, program.example_inputs, program.fake)[0] if check_meta else {}
     for node in gm.graph.nodes:
         if node.op == "output" or not check_meta:
             continue
-        stored = meta_mod.meta_of(node)
         if node.name not in fresh:
             continue
-        if stored is None:
+        # Presence, not truthiness: ops that return None (aten._assert_tensor_metadata) have meta None.
+        if meta_mod.META_KEY not in node.meta:
             raise VerifyError(
                 f"node %{node.name} ({node.op} {node.target}) has no metadata{where}; "
                 "a pass that adds nodes must call program.propagate_meta() or not preserve 'meta'"
             )
+        stored = meta_mod.meta_of(node)
         if stored != fresh[node.name]:
             raise VerifyError(
                 f"node %{node.name} ({node.op} {node.target}): stored metadata {stored} disagrees "

@@ -210,3 +210,5 @@ def list_passes() -> list[type[Pass]]:
 
 def _load_builtin_passes() -> None:
     import slimfx.passes.cleanup  # noqa: F401  (registers dce, canonicalize, fold-bn, verify)
+    import slimfx.passes.prune  # noqa: F401
+    import slimfx.passes.quant  # noqa: F401

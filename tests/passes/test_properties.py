@@ -16,7 +16,7 @@ from slimfx.testing import strategies as sst
 
 # Passes that need data the random models don't carry (calibration batches, teachers) opt out here
 # and are property-tested in their own modules.
-NEEDS_EXTRA_INPUTS: set[str] = set()
+NEEDS_EXTRA_INPUTS = {"calibrate"}
 PASSES = sorted(name for name in registry() if name not in NEEDS_EXTRA_INPUTS and not name.startswith("test-"))
 
 
