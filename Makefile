@@ -18,7 +18,7 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check slimfx tests bench examples
-	$(BIN)/python -m pytest -n 2 --dist loadfile -q
+	$(BIN)/python -m pytest -n 2 -q -p no:logging
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check slimfx tests bench examples

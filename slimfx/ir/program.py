@@ -49,6 +49,7 @@ class Program:
     meta_mode: str = "none"
     output_spec: Any = None
     log: list[Any] = field(default_factory=list, repr=False)
+    calibration_data: list[Any] | None = field(default=None, repr=False)
     analyses: dict[str, Any] = field(default_factory=dict, repr=False)
     fake: meta_mod.FakeState | None = field(default=None, repr=False, compare=False)
 
@@ -103,6 +104,7 @@ class Program:
             meta_mode=self.meta_mode,
             output_spec=self.output_spec,
             log=list(self.log),
+            calibration_data=self.calibration_data,  # data, not model state: shared, never copied
         )
 
     def __call__(self, *inputs: Any) -> Any:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from slimfx.errors import PipelineError, did_you_mean
 from slimfx.ir.program import Program
-from slimfx.passes.options import build_options, format_value, option_fields
+from slimfx.passes.options import build_options, option_fields, raw_value
 from slimfx.passes.pipeline import PassSpec
 
 
@@ -95,10 +95,8 @@ class Pass:
             value = getattr(self.options, name)
             explicit = self._explicit is not None and name in self._explicit
             if explicit or value != getattr(defaults, name):
-                items.append((name, format_value(value)))
-        from slimfx.passes.pipeline import Pipeline
-
-        return Pipeline.parse(str(PassSpec(self.name, tuple(items))), validate=False).specs[0]
+                items.append((name, raw_value(value)))
+        return PassSpec(self.name, tuple(items))
 
     def text(self) -> str:
         """This pass as pipeline text."""

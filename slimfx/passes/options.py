@@ -142,8 +142,8 @@ def build_options(pass_name: str, options_cls: type, raw: dict[str, Any]) -> Any
         raise PipelineError(f"invalid options for pass {pass_name!r}: {exc}") from None
 
 
-def format_value(value: Any) -> str:
-    """Render a typed option value as pipeline text (the inverse of :func:`convert` for text)."""
+def raw_value(value: Any) -> Any:
+    """A typed option value as a raw pipeline value: text, or a tuple for lists (inverse of :func:`convert`)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, enum.Enum):
@@ -151,5 +151,5 @@ def format_value(value: Any) -> str:
     if value is None:
         return "none"
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(format_value(v) for v in value) + "]"
+        return tuple(raw_value(v) for v in value)
     return str(value)

@@ -197,3 +197,12 @@ def test_pipeline_from_pass_objects_round_trips_to_text(program):
 
     out = slimfx.run_pipeline(program, [FoldBatchNorm(strict=False), "dce"])
     assert out.pipeline_text() == "fold-bn{strict=false},dce"
+
+
+def test_pass_objects_with_list_options_round_trip_to_text():
+    from slimfx.passes.prune.magnitude import PruneMagnitude
+
+    p = PruneMagnitude(sparsity=0.25, ignore=["head.*", "stem"])
+    assert p.text() == "prune-magnitude{sparsity=0.25,ignore=[head.*,stem]}"
+    again = slimfx.Pipeline.parse(p.text()).passes()[0]
+    assert again.options.ignore == ["head.*", "stem"]

@@ -1,7 +1,7 @@
 """calibrate: run calibration batches through a fake-quant program, then freeze its activation qparams.
 
-The batches come from :func:`set_calibration_data` (stored in ``program.module.meta``, so they survive
-the pass manager's copy of the program without being copied) or ``program.analyses["calibration-data"]``
+The batches come from :func:`set_calibration_data` (``program.calibration_data``, shared by the pass
+manager's copy of the program, never copied) or ``program.analyses["calibration-data"]``
 when a pass is run directly on a program. A batch is a tensor (one input) or a tuple of the program's
 inputs. Under torch.distributed, each rank calibrates on its own shard and the observers are synced
 (all-reduced) before freezing, so every rank freezes the same qparams. Contract ``changes``: the
@@ -26,32 +26,20 @@ from slimfx.passes.quant.fake_quant import fake_quant_nodes
 CALIBRATION_KEY = "calibration-data"
 
 
-class CalibrationData:
-    """Calibration batches shared (not copied) by every copy of a program."""
-
-    def __init__(self, batches: Iterable[Any]):
-        self.batches = list(batches)
-
-    def __deepcopy__(self, memo: dict) -> CalibrationData:
-        return self
-
-
 def set_calibration_data(program: Program, batches: Iterable[Any]) -> Program:
     """Attach calibration batches to ``program`` (its copies share them) and return it.
 
     This records data, not an edit of the model: the program's graph and parameters are unchanged.
     """
-    program.module.meta[CALIBRATION_KEY] = CalibrationData(batches)
+    program.calibration_data = list(batches)
     return program
 
 
 def calibration_data(program: Program) -> list[Any] | None:
-    """The calibration batches attached to ``program``, or None."""
-    found = program.analyses.get(CALIBRATION_KEY)
+    """The calibration batches attached to ``program`` (or put in its analyses), or None."""
+    found = program.calibration_data
     if found is None:
-        found = getattr(program.module, "meta", {}).get(CALIBRATION_KEY)
-    if isinstance(found, CalibrationData):
-        return found.batches
+        found = program.analyses.get(CALIBRATION_KEY)
     return None if found is None else list(found)
 
 
