@@ -108,6 +108,11 @@ class Pass:
     def run(self, program: Program) -> PassResult | None:
         raise NotImplementedError(f"pass {self.name!r} does not implement run()")
 
+    def comparable_outputs(self, reference: Any, outputs: Any) -> tuple[Any, Any]:
+        """The parts of the outputs before and after run() that the contract covers: all of them, unless the
+        pass changes the output structure on purpose (distill-taps adds features and compares the original)."""
+        return reference, outputs
+
     @classmethod
     def summary(cls) -> str:
         """The first line of the docstring."""
@@ -208,5 +213,6 @@ def list_passes() -> list[type[Pass]]:
 
 def _load_builtin_passes() -> None:
     import slimfx.passes.cleanup  # noqa: F401  (registers dce, canonicalize, fold-bn, verify)
+    import slimfx.passes.distill  # noqa: F401
     import slimfx.passes.prune  # noqa: F401
     import slimfx.passes.quant  # noqa: F401
