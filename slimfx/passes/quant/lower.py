@@ -34,6 +34,7 @@ from slimfx.ir.ops import OpKind
 from slimfx.ir.program import Program
 from slimfx.kernels import INT8_TOLERANCE, Int8Linear
 from slimfx.passes.base import Contract, Pass, PassResult, register_pass
+from slimfx.passes.cleanup.dce import delete_unused_submodules
 from slimfx.passes.quant.fake_quant import FakeQuantize, fake_quant_module
 from slimfx.passes.quant.spec import FP8_E4M3_ABS_FLOOR, FP8_E4M3_REL
 
@@ -326,14 +327,11 @@ def _fresh(root: nn.Module, base: str) -> str:
 
 
 def _drop_unused_attributes(program: Program) -> None:
-    """Delete fake-quant modules and float weights no node uses any more (the int8 copy replaced them)."""
+    """Delete fake-quant modules, float layers and root-level weights no node uses any more (the int8 copy
+    replaced them). Whole modules go, never single attributes of a module that stays: a Linear without its
+    weight would break printing and state_dict loading."""
+    delete_unused_submodules(program.module)
     used = {n.target for n in program.graph.nodes if n.op in ("get_attr", "call_module")}
-    for name, module in list(program.module.named_children()):
-        if isinstance(module, FakeQuantize) and name not in used:
+    for name, _ in list(program.module.named_parameters(recurse=False)):
+        if name not in used:
             delattr(program.module, name)
-    for name, _ in list(program.module.named_parameters()):
-        if name not in used and not any(name.startswith(u + ".") for u in used if u):
-            owner_path, _, attr = name.rpartition(".")
-            owner = program.module.get_submodule(owner_path) if owner_path else program.module
-            if not isinstance(owner, (Int8Linear, FakeQuantize)):
-                delattr(owner, attr)
