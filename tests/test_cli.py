@@ -174,10 +174,18 @@ def test_inspect_dot_writes_a_graphviz_file(capsys, tmp_path):
     assert '"fc1" -> "act";' in text and '"act" -> "fc2";' in text
 
 
-def test_demo_runs_the_cleanup_pipeline(capsys):
-    code, out, err = run(capsys, "demo")
+def test_demo_trains_distills_prunes_quantizes_and_reports(capsys, tmp_path):
+    import json
+
+    code, out, err = run(capsys, "demo", "--out", str(tmp_path))
     assert code == 0, err
-    assert "  pipeline: canonicalize,fold-bn,dce" in out and "batch_norm" not in ir_kinds(out)
+    stages = json.loads((tmp_path / "report.json").read_text())
+    assert [s["stage"] for s in stages] == ["teacher", "distilled student", "pruned 50% + KD", "int8 (linear lowered)"]
+    assert all(s["accuracy"] > 90 for s in stages)
+    sizes = [s["bytes_on_disk"] for s in stages]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 0.25 * sizes[0]
+    assert stages[-1]["accuracy"] >= stages[0]["accuracy"] - 3.0
+    assert "pruned 50% + KD" in out and (tmp_path / "teacher.safetensors").is_file()
 
 
 # ---------------------------------------------------------------- errors: exit code 2 and a clear message

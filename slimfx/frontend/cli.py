@@ -90,9 +90,9 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    ns = argparse.Namespace(model="digits-cnn", input_shape=None, frontend="auto",
-                            pipeline="canonicalize,fold-bn,dce", dot=None)
-    return cmd_inspect(ns)
+    from slimfx.demo import main as demo_main
+
+    return demo_main(args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("kernels", help="measure and print the CPU kernel dispatcher's choices")
     p.set_defaults(func=cmd_kernels)
-    p = sub.add_parser("demo", help="the end-to-end demo")
+    p = sub.add_parser("demo", help="the end-to-end demo on scikit-learn's digits (train, distill, prune, int8)")
+    p.add_argument("--out", default="slimfx-demo", help="folder for the per-stage weights and report.json")
     p.set_defaults(func=cmd_demo)
     return parser
 
