@@ -7,10 +7,12 @@ rewrite serves both dialects. Roles are the names in :class:`slimfx.ir.ops.Slots
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import fx
 
 from slimfx.ir import ops
@@ -160,3 +162,44 @@ def _fresh_attr_name(root: nn.Module, base: str) -> str:
         i += 1
         name = f"{base}_{i}"
     return name
+
+
+# Module forms that have a functional twin over the module's own parameters. Passes that must put a node
+# between a layer and its weight (a pruning mask, a weight fake-quant) rewrite the call into this form.
+MODULE_TO_FUNCTION: dict[type, tuple[Callable, tuple[str, ...]]] = {
+    nn.Linear: (F.linear, ()),
+    nn.Conv1d: (F.conv1d, ("stride", "padding", "dilation", "groups")),
+    nn.Conv2d: (F.conv2d, ("stride", "padding", "dilation", "groups")),
+    nn.Conv3d: (F.conv3d, ("stride", "padding", "dilation", "groups")),
+}
+FUNCTION_TO_MODULE: dict[Callable, tuple[type, tuple[str, ...]]] = {
+    fn: (cls, attrs) for cls, (fn, attrs) in MODULE_TO_FUNCTION.items()
+}
+
+
+def why_no_functional_form(module: nn.Module) -> str | None:
+    """Why :func:`to_functional` cannot rewrite a call of ``module``, or None when it can."""
+    if type(module) not in MODULE_TO_FUNCTION:
+        return f"{type(module).__name__} has no functional form"
+    if getattr(module, "padding_mode", "zeros") != "zeros":
+        return f"padding_mode={module.padding_mode!r} has no functional form"
+    if isinstance(getattr(module, "padding", 0), str):
+        return "string padding has no functional form here"
+    return None
+
+
+def to_functional(program: Program, node: fx.Node) -> fx.Node:
+    """Rewrite an ``nn.Linear``/``nn.ConvNd`` call into ``F.linear``/``F.convNd`` over the module's own
+    parameters (get_attr nodes) and return the new node. The module stays and keeps owning the parameters.
+    Check :func:`why_no_functional_form` first."""
+    module = program.module.get_submodule(node.target)
+    fn, attrs = MODULE_TO_FUNCTION[type(module)]
+    graph = program.graph
+    with graph.inserting_before(node):
+        weight = graph.get_attr(f"{node.target}.weight")
+        bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+        call = graph.call_function(fn, (node.args[0], weight, bias, *(getattr(module, a) for a in attrs)))
+    call.meta = dict(node.meta)
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
+    return call

@@ -30,11 +30,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import fx
 
 from slimfx.ir import ops
-from slimfx.ir.layer import get_attr_value, set_attr_value
+from slimfx.ir.layer import (
+    FUNCTION_TO_MODULE,
+    get_attr_value,
+    set_attr_value,
+    to_functional,
+    why_no_functional_form,
+)
 from slimfx.ir.ops import OpKind
 from slimfx.ir.program import Program
 from slimfx.passes.base import Contract, NoOptions, Pass, PassResult, register_pass
@@ -52,14 +57,6 @@ def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 ops.register_function_kind(apply_mask, OpKind.MASK)
 
 # Module forms a layer can be rewritten from, with the functional form and its extra arguments.
-_MODULE_TO_FUNCTION = {
-    nn.Linear: (F.linear, ()),
-    nn.Conv1d: (F.conv1d, ("stride", "padding", "dilation", "groups")),
-    nn.Conv2d: (F.conv2d, ("stride", "padding", "dilation", "groups")),
-    nn.Conv3d: (F.conv3d, ("stride", "padding", "dilation", "groups")),
-}
-_FUNCTION_TO_MODULE = {fn: (cls, attrs) for cls, (fn, attrs) in _MODULE_TO_FUNCTION.items()}
-
 MASKABLE_KINDS = {"linear": OpKind.LINEAR, "conv": OpKind.CONV}
 """Layer kinds the pruning passes can mask, by the name their ``include_kinds`` option uses."""
 
@@ -138,7 +135,7 @@ def set_mask(program: Program, node: fx.Node, mask: torch.Tensor) -> fx.Node:
     """
     mask = mask.to(torch.bool)
     if node.op == "call_module":
-        node = _to_functional(program, node)
+        node = to_functional(program, node)
     existing = mask_node(node)
     if existing is not None:
         set_attr_value(program.module, existing.args[1].target, mask)
@@ -204,10 +201,9 @@ def prunable_layers(
 def _why_not(program: Program, node: fx.Node, uses: dict[int, int]) -> str | None:
     if node.op == "call_module":
         module = program.module.get_submodule(node.target)
-        if type(module) not in _MODULE_TO_FUNCTION:
-            return f"{type(module).__name__} has no functional form to mask"
-        if getattr(module, "padding_mode", "zeros") != "zeros":
-            return f"padding_mode={module.padding_mode!r} has no functional form to mask"
+        reason = why_no_functional_form(module)
+        if reason:
+            return f"{reason} to mask"
         if len(node.args) != 1 or node.kwargs:
             return "called with extra arguments"
     elif ops.slots(node) is None:
@@ -293,25 +289,10 @@ def _fresh_name(owner: nn.Module, base: str) -> str:
     return name
 
 
-def _to_functional(program: Program, node: fx.Node) -> fx.Node:
-    """Rewrite an ``nn.Linear``/``nn.ConvNd`` call into ``F.linear``/``F.convNd`` over its parameters."""
-    module = program.module.get_submodule(node.target)
-    fn, attrs = _MODULE_TO_FUNCTION[type(module)]
-    graph = program.graph
-    with graph.inserting_before(node):
-        weight = graph.get_attr(f"{node.target}.weight")
-        bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
-        call = graph.call_function(fn, (node.args[0], weight, bias, *(getattr(module, a) for a in attrs)))
-    call.meta = dict(node.meta)
-    node.replace_all_uses_with(call)
-    graph.erase_node(node)
-    return call
-
-
 def _to_module_form(program: Program, node: fx.Node) -> bool:
-    """Turn ``F.linear(x, m.weight, m.bias)`` (as :func:`_to_functional` wrote it) back into ``m(x)``."""
+    """Turn ``F.linear(x, m.weight, m.bias)`` (as :func:`slimfx.ir.layer.to_functional` wrote it) back into ``m(x)``."""
     try:
-        entry = _FUNCTION_TO_MODULE.get(node.target)
+        entry = FUNCTION_TO_MODULE.get(node.target)
     except TypeError:
         return False
     if entry is None or node.kwargs:

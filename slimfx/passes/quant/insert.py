@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import fx
 
 from slimfx.errors import PassError, PipelineError, did_you_mean
 from slimfx.ir import ops
-from slimfx.ir.layer import get_attr_value
+from slimfx.ir.layer import get_attr_value, to_functional, why_no_functional_form
 from slimfx.ir.ops import OpKind
 from slimfx.ir.program import Program
 from slimfx.passes.base import Contract, Pass, PassResult, register_pass
@@ -39,14 +38,6 @@ from slimfx.passes.quant.spec import parse_spec
 
 _KINDS = {"linear": OpKind.LINEAR, "conv": OpKind.CONV}
 _ROLES = ("weights", "activations", "observer")
-_MODULE_TO_FUNCTION = {
-    nn.Linear: (F.linear, ()),
-    nn.Conv1d: (F.conv1d, ("stride", "padding", "dilation", "groups")),
-    nn.Conv2d: (F.conv2d, ("stride", "padding", "dilation", "groups")),
-    nn.Conv3d: (F.conv3d, ("stride", "padding", "dilation", "groups")),
-}
-
-
 @dataclass
 class QuantInsertOptions:
     """weights / activations: schemes (``none`` to skip); observer / weight_observer: observer names;
@@ -151,22 +142,8 @@ def _constant_value(program: Program, value) -> torch.Tensor | None:
 
 def _to_functional(program: Program, node: fx.Node) -> fx.Node | str:
     """Rewrite an nn.Linear/ConvNd call_module node to F.linear/F.convNd; a reason string when it can't."""
-    module = program.module.get_submodule(node.target)
-    entry = _MODULE_TO_FUNCTION.get(type(module))
-    if entry is None:
-        return f"{type(module).__name__} modules are not supported"
-    if getattr(module, "padding_mode", "zeros") != "zeros" or isinstance(getattr(module, "padding", 0), str):
-        return "padding_mode / string padding has no functional form here"
-    fn, attrs = entry
-    graph = program.graph
-    with graph.inserting_before(node):
-        weight = graph.get_attr(f"{node.target}.weight")
-        bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
-        new = graph.call_function(fn, (node.args[0], weight, bias, *(getattr(module, a) for a in attrs)))
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
-    return new
+    reason = why_no_functional_form(program.module.get_submodule(node.target))
+    return reason if reason else to_functional(program, node)
 
 
 def _fresh_name(root: nn.Module, base: str) -> str:
