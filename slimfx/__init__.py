@@ -5,6 +5,7 @@ distillation, cleanups), each with a numerics contract that the pass manager che
 """
 
 from slimfx import errors
+from slimfx.frontend.api import Compressed, compress
 from slimfx.frontend.trace import trace
 from slimfx.ir import OpKind, Program, verify
 from slimfx.passes import (
@@ -22,6 +23,6 @@ from slimfx.passes import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Contract", "OpKind", "Pass", "PassManager", "PassResult", "Pipeline", "Program", "errors",
-    "get_pass", "list_passes", "register_pass", "run_pipeline", "trace", "verify", "__version__",
+    "Compressed", "compress", "Contract", "OpKind", "Pass", "PassManager", "PassResult", "Pipeline", "Program",
+    "errors", "get_pass", "list_passes", "register_pass", "run_pipeline", "trace", "verify", "__version__",
 ]
