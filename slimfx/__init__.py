@@ -5,6 +5,7 @@ distillation, cleanups), each with a numerics contract that the pass manager che
 """
 
 from slimfx import errors
+from slimfx.export.artifact import load, save
 from slimfx.frontend.api import Compressed, compress
 from slimfx.frontend.trace import trace
 from slimfx.ir import OpKind, Program, verify
@@ -24,5 +25,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Compressed", "compress", "Contract", "OpKind", "Pass", "PassManager", "PassResult", "Pipeline", "Program",
-    "errors", "get_pass", "list_passes", "register_pass", "run_pipeline", "trace", "verify", "__version__",
+    "errors", "get_pass", "list_passes", "load", "register_pass", "run_pipeline", "save", "trace", "verify",
+    "__version__",
 ]

@@ -1,6 +1,7 @@
 """The end-to-end demo on scikit-learn's digits: train a teacher, distill a smaller student, prune half its
-channels (with distillation fine-tuning), quantize to int8 and lower, and print accuracy / size / latency
-per stage. Every number is measured on this machine in this run.
+channels (with distillation fine-tuning), quantize to int8 and lower, save the artifact and reload it
+bit-for-bit, and print accuracy / size / latency per stage. Every number is measured on this machine in
+this run.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from slimfx.datasets import Split, accuracy, load_digits, train_classifier
+from slimfx.errors import SlimfxError
+from slimfx.export.artifact import load, save
 from slimfx.frontend.trace import trace
 from slimfx.ir.program import Program
 from slimfx.passes.distill.trainer import distill
@@ -98,6 +101,14 @@ def run_demo(out_dir: str = "slimfx-demo", progress: bool = False) -> list[Stage
     set_calibration_data(pruned, [(x,) for x, _ in train.batches(64)][:8])
     quantized = run_pipeline(pruned, quant_text, progress=progress)
     stages.append(_measure("int8 (linear lowered)", quantized, test, out_dir, prune_text + "," + quant_text))
+
+    artifact = os.path.join(out_dir, "artifact")
+    save(quantized, artifact)
+    reloaded = load(artifact, StudentCNN)
+    with torch.no_grad():
+        if not torch.equal(reloaded.module(test.x), quantized.module(test.x)):
+            raise SlimfxError(f"the artifact in {artifact} did not reload bit-for-bit")
+    stages.append(_measure("reloaded artifact", reloaded.program, test, out_dir, quantized.pipeline_text()))
 
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump([asdict(s) for s in stages], f, indent=1)

@@ -180,9 +180,11 @@ def test_demo_trains_distills_prunes_quantizes_and_reports(capsys, tmp_path):
     code, out, err = run(capsys, "demo", "--out", str(tmp_path))
     assert code == 0, err
     stages = json.loads((tmp_path / "report.json").read_text())
-    assert [s["stage"] for s in stages] == ["teacher", "distilled student", "pruned 50% + KD", "int8 (linear lowered)"]
+    assert [s["stage"] for s in stages] == ["teacher", "distilled student", "pruned 50% + KD", "int8 (linear lowered)",
+                                            "reloaded artifact"]
     assert all(s["accuracy"] > 90 for s in stages)
-    sizes = [s["bytes_on_disk"] for s in stages]
+    assert stages[-1]["accuracy"] == stages[-2]["accuracy"] and (tmp_path / "artifact" / "manifest.json").is_file()
+    sizes = [s["bytes_on_disk"] for s in stages[:-1]]
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 0.25 * sizes[0]
     assert stages[-1]["accuracy"] >= stages[0]["accuracy"] - 3.0
     assert "pruned 50% + KD" in out and (tmp_path / "teacher.safetensors").is_file()
