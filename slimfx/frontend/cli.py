@@ -95,6 +95,93 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args.out)
 
 
+def cmd_recipe_check(args: argparse.Namespace) -> int:
+    from slimfx.frontend.recipe import load_recipe
+
+    print(load_recipe(args.recipe).pipeline())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from slimfx.export.artifact import save
+    from slimfx.frontend import report as rep
+    from slimfx.frontend.api import compress
+    from slimfx.frontend.model_ref import load_model
+    from slimfx.passes.pipeline import Pipeline
+
+    recipe = None
+    if args.recipe:
+        from slimfx.frontend.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        pipeline = recipe.pipeline()
+        stages = [(f"{i}:{s.kind}", len(s.specs)) for i, s in enumerate(recipe.stages)]
+    else:
+        pipeline = Pipeline.parse(args.pipeline)
+        stages = [(spec.name, 1) for spec in pipeline]
+    model, inputs = load_model(args.model)
+    if args.input_shape:
+        inputs = (torch.randn(*args.input_shape, generator=torch.Generator().manual_seed(0)),)
+    if inputs is None:
+        raise SlimfxError(f"{args.model!r} gives no example inputs; pass --input-shape, e.g. 1,3,32,32")
+    model = model.eval()
+    if args.min_accuracy is not None and rep.digits_layout(inputs) is None:
+        raise SlimfxError("--min-accuracy is measured on the digits test split and needs a model input shaped "
+                          "[N,1,8,8] or [N,64]; use --max-output-error for other models")
+    calib = rep.calibration_batches(args.calib, inputs) if args.calib else None
+    start = time.perf_counter()
+    compressed = compress(model, pipeline, inputs, calib_data=calib, frontend=args.frontend)
+    seconds = time.perf_counter() - start
+    save(compressed, args.out)
+    report = {"model": args.model, "recipe": recipe.as_dict() if recipe else None, "calib": args.calib,
+              "artifact": args.out, "compress_seconds": seconds, **compressed.report}
+    report["max_output_error"] = rep.max_output_error(model, compressed.module, inputs)
+    report["accuracy_before"] = rep.digits_accuracy(model, inputs)
+    report["accuracy_after"] = rep.digits_accuracy(compressed.module, inputs)
+    report["stages"] = rep.stage_sizes(report, stages)
+    report["layers"] = rep.layer_sizes(model, compressed.module)
+    checks = []
+    if args.min_accuracy is not None:
+        value = report["accuracy_after"]
+        checks.append({"bound": "--min-accuracy", "limit": args.min_accuracy, "value": value,
+                       "ok": value >= args.min_accuracy, "what": "accuracy (%) on the digits test split",
+                       "failed": "is below"})
+    if args.max_output_error is not None:
+        value = report["max_output_error"]
+        checks.append({"bound": "--max-output-error", "limit": args.max_output_error, "value": value,
+                       "ok": value <= args.max_output_error, "what": "max output error vs the original model",
+                       "failed": "exceeds"})
+    report["checks"] = checks
+    rep.write_report(report, os.path.join(args.out, rep.REPORT))
+    if args.report:
+        rep.write_report(report, args.report)
+    print(f"pipeline: {report['pipeline']}")
+    print(f"params {report['params_before']:,} -> {report['params_after']:,}; state bytes "
+          f"{report['state_bytes_before']:,} -> {report['state_bytes_after']:,}; "
+          f"max output error {report['max_output_error']:.3g}")
+    if report["accuracy_after"] is not None:
+        print(f"digits test accuracy {report['accuracy_before']:.2f}% -> {report['accuracy_after']:.2f}%")
+    print(f"wrote {args.out} (artifact, {rep.REPORT})" + (f" and {args.report}" if args.report else ""))
+    failed = [c for c in checks if not c["ok"]]
+    for c in failed:
+        print(f"slimfx: check failed: {c['what']} {c['value']:.6g} {c['failed']} the limit {c['bound']} "
+              f"{c['limit']:g}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from slimfx.frontend.report import read_report, render, write_plots
+
+    report = read_report(args.dir)
+    print(render(report))
+    for path in write_plots(report, args.dir):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimfx", description="A compiler for neural-network compression.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +199,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the end-to-end demo on scikit-learn's digits (train, distill, prune, int8)")
     p.add_argument("--out", default="slimfx-demo", help="folder for the per-stage weights and report.json")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("recipe", help="work with YAML recipes (see slimfx.frontend.recipe for the schema)")
+    recipe_sub = p.add_subparsers(dest="recipe_command", required=True)
+    q = recipe_sub.add_parser("check", help="validate a recipe and print its pipeline text")
+    q.add_argument("recipe", help="path/to/recipe.yaml")
+    q.set_defaults(func=cmd_recipe_check)
+    p = sub.add_parser("run", help="compress a model with a recipe or pipeline, save the artifact and a report")
+    p.add_argument("model", help="pkg.module:factory, path/to/file.py:factory, or a built-in model name")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--recipe", default=None, help="path/to/recipe.yaml")
+    how.add_argument("--pipeline", default=None, help="pipeline text, e.g. fold-bn,prune-channels{sparsity=0.5}")
+    p.add_argument("--calib", choices=["digits", "random"], default=None,
+                   help="calibration batches: the digits train split ([N,1,8,8] or [N,64] inputs) or randn")
+    p.add_argument("--out", required=True, help="folder for the artifact and report.json")
+    p.add_argument("--report", default=None, help="also write the JSON report to this path")
+    p.add_argument("--min-accuracy", type=float, default=None, help="fail (exit 1) below this digits accuracy (%%)")
+    p.add_argument("--max-output-error", type=float, default=None,
+                   help="fail (exit 1) when max |original - compressed| on the example inputs exceeds this")
+    p.add_argument("--frontend", default="auto", choices=["auto", "fx", "export"])
+    p.add_argument("--input-shape", type=_parse_shape, default=None, help="e.g. 1,3,32,32")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("report", help="print the report of `slimfx run` and write PNG plots next to it")
+    p.add_argument("dir", help="the --out folder of `slimfx run`")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
