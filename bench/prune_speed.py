@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -28,19 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import machine_line  # noqa: E402
 
 import slimfx  # noqa: E402
+from slimfx.demo import latency_ms  # noqa: E402
 from slimfx.zoo import get_model  # noqa: E402
-
-
-def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    with torch.no_grad():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def count(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:

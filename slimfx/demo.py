@@ -56,9 +56,11 @@ def _module(model: nn.Module | Program) -> nn.Module:
     return model.module if isinstance(model, Program) else model
 
 
-def _latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 15) -> float:
+def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 15, warmup: int = 3) -> float:
+    """Median milliseconds of ``model(x)`` without gradients, after ``warmup`` untimed calls."""
     with torch.no_grad():
-        model(x)
+        for _ in range(warmup):
+            model(x)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -75,7 +77,7 @@ def _measure(name: str, model: nn.Module | Program, test: Split, out_dir: str, p
     params = sum(p.numel() for p in module.parameters()) + sum(
         b.numel() for n, b in module.named_buffers() if b.dtype == torch.int8)
     return Stage(name, accuracy(module, test), params, os.path.getsize(path),
-                 _latency_ms(module, test.x[:256]), pipeline)
+                 latency_ms(module, test.x[:256]), pipeline)
 
 
 def run_demo(out_dir: str = "slimfx-demo", progress: bool = False) -> list[Stage]:

@@ -32,6 +32,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
+OUTPUT_ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+"""One unit in the last place of each float output dtype: a fused epilogue may round once differently from the
+reference (an FMA on GPU; the interpreter converts fp32 -> bf16 by truncation)."""
+
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)} dtype {t.dtype}"
 

@@ -135,6 +135,13 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
+def runnable_device() -> str | None:
+    """Where the Triton kernels can run now: "cpu" under the interpreter, "cuda" on a GPU, else None."""
+    if interpreting():
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else None
+
+
 def check_device(op: str, *tensors: torch.Tensor | None) -> None:
     """Triton kernels need CUDA tensors, or CPU tensors under the interpreter; all on one device."""
     devices = {t.device for t in tensors if t is not None}

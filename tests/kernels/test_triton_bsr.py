@@ -12,17 +12,14 @@ from slimfx.errors import KernelError
 from slimfx.kernels import reference
 from slimfx.kernels.bsr import dense_to_bsr
 from slimfx.kernels.triton_bsr import BSR_CONFIGS, bsr_linear
+from slimfx.kernels.triton_int8_gemm import runnable_device
 
-if triton.knobs.runtime.interpret:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
+DEVICE = runnable_device()
+pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
 
 #: One ulp of the output dtype relative to the reference: both sum exact products in fp32, so only the
 #: final rounding may differ (and the interpreter converts fp32 -> bf16 by truncation).
-OUT_ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+OUT_ULP = reference.OUTPUT_ULP
 #: Slack for the fp32 summation order, as a fraction of sum_k |x||w| + |bias|: K terms of 2**-24 each,
 #: K <= 320 here, so 2**-15 bounds it with margin.
 SUM_ORDER_EPS = 2.0**-15

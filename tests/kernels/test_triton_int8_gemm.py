@@ -14,20 +14,16 @@ from hypothesis import strategies as st
 
 from slimfx.errors import KernelError
 from slimfx.kernels import aot, reference, triton_int8_gemm
-from slimfx.kernels.triton_int8_gemm import INT8_GEMM_CONFIGS, int8_gemm
+from slimfx.kernels.triton_int8_gemm import INT8_GEMM_CONFIGS, int8_gemm, runnable_device
 
-if triton.knobs.runtime.interpret:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
+DEVICE = runnable_device()
+pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
 
 #: Relative error allowed on the epilogue's output, per out dtype, w.r.t. the reference's rounded value:
 #: one unit in the last place. The fp32 math is the same, but the GPU may fuse the bias add into an FMA
 #: and the interpreter converts fp32 -> bf16 by truncation instead of round-to-nearest-even, so the
 #: final rounding may land on the neighbouring value.
-OUT_ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+OUT_ULP = reference.OUTPUT_ULP
 #: Absolute slack, as a fraction of |acc * row * col| + |bias|: a few fp32 roundings of the terms, which
 #: matter when the bias cancels the product (the result is then far smaller than its terms).
 FP32_TERM_EPS = 4 * 2.0**-24

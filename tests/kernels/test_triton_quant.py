@@ -10,19 +10,16 @@ from hypothesis import strategies as st
 
 from slimfx.errors import KernelError
 from slimfx.kernels import reference
+from slimfx.kernels.triton_int8_gemm import runnable_device
 from slimfx.kernels.triton_quant import QUANT_CONFIGS, quantize_per_token, w8a8_linear
 
-if triton.knobs.runtime.interpret:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
+DEVICE = runnable_device()
+pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
 
 #: One unit in the last place of the output dtype, relative to the reference's value. Quantization is
 #: bit-exact and the int32 GEMM exact, so only the fp32 epilogue's last rounding may differ (FMA on GPU,
 #: fp32 -> bf16 by truncation in the interpreter).
-OUT_ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+OUT_ULP = reference.OUTPUT_ULP
 #: Absolute slack as a fraction of |acc * row * col| + |bias| (fp32 roundings of the epilogue's terms).
 FP32_TERM_EPS = 4 * 2.0**-24
 

@@ -97,22 +97,26 @@ class FoldBatchNorm(Pass):
         return None
 
 
-def _fold(layer: Layer, bn: Layer) -> None:
-    weight = layer.tensor("weight")
-    dtype = weight.dtype
+def bn_affine(bn: Layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm as y = x * factor + shift per channel, in float64 (the numbers folding needs)."""
     mean = bn.tensor("running_mean").double()
     var = bn.tensor("running_var").double()
     eps = float(bn.get("eps") if bn.get("eps") is not None else 1e-5)
-    gamma = bn.tensor("weight")
-    beta = bn.tensor("bias")
+    gamma, beta = bn.tensor("weight"), bn.tensor("bias")
     gamma = gamma.double() if gamma is not None else torch.ones_like(mean)
     beta = beta.double() if beta is not None else torch.zeros_like(mean)
-    scale = gamma / torch.sqrt(var + eps)
+    factor = gamma / torch.sqrt(var + eps)
+    return factor, beta - mean * factor
+
+
+def _fold(layer: Layer, bn: Layer) -> None:
+    weight = layer.tensor("weight")
+    factor, shift = bn_affine(bn)
     bias = layer.tensor("bias")
-    bias = bias.double() if bias is not None else torch.zeros_like(mean)
+    bias = bias.double() if bias is not None else torch.zeros_like(factor)
     out_dim = 1 if layer.kind is OpKind.CONV_TRANSPOSE else 0
     shape = [1] * weight.dim()
     shape[out_dim] = -1
     with torch.no_grad():
-        layer.set("weight", (weight.double() * scale.reshape(shape)).to(dtype))
-        layer.set("bias", ((bias - mean) * scale + beta).to(dtype))
+        layer.set("weight", (weight.double() * factor.reshape(shape)).to(weight.dtype))
+        layer.set("bias", (bias * factor + shift).to(weight.dtype))

@@ -45,6 +45,7 @@ from slimfx.ir.meta import tensor_meta
 from slimfx.ir.ops import OpKind, data_input
 from slimfx.ir.program import Program
 from slimfx.passes.base import Contract, Pass, PassResult, register_pass
+from slimfx.passes.cleanup.fold_bn import bn_affine
 from slimfx.passes.quant.fake_quant import FakeQuantize, fake_quant_module, fake_quant_nodes
 from slimfx.passes.quant.observers import Observer
 from slimfx.passes.quant.spec import (
@@ -384,21 +385,14 @@ def _fold_scaled(program: Program, layer: Layer, bn: Layer, weight_fq: fx.Node) 
     fq = fake_quant_module(program.module, weight_fq)
     target = weight_fq.args[0].target
     weight = get_attr_value(program.module, target)
-    mean = bn.tensor("running_mean").double()
-    var = bn.tensor("running_var").double()
-    eps = float(bn.get("eps") if bn.get("eps") is not None else 1e-5)
-    gamma = bn.tensor("weight")
-    beta = bn.tensor("bias")
-    gamma = gamma.double() if gamma is not None else torch.ones_like(mean)
-    beta = beta.double() if beta is not None else torch.zeros_like(mean)
-    factor = gamma / torch.sqrt(var + eps)
+    factor, shift = bn_affine(bn)
     bias = layer.tensor("bias")
-    bias = bias.double() if bias is not None else torch.zeros_like(mean)
+    bias = bias.double() if bias is not None else torch.zeros_like(factor)
     shape = [-1] + [1] * (weight.dim() - 1)
     per_slot = factor.abs().repeat_interleave(fq.scale.numel() // factor.numel())
     with torch.no_grad():
         set_attr_value(program.module, target, (weight.double() * factor.reshape(shape)).to(weight.dtype))
-        layer.set("bias", ((bias - mean) * factor + beta).to(weight.dtype))
+        layer.set("bias", (bias * factor + shift).to(weight.dtype))
         current = fq.effective_scale() if isinstance(fq, QATFakeQuantize) else fq.scale.detach()
         new_scale = (current.double().reshape(-1) * per_slot).clamp_min(SCALE_FLOOR)
         new_scale = new_scale.to(fq.scale.dtype).reshape(fq.scale.shape)
