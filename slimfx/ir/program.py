@@ -50,6 +50,8 @@ class Program:
     output_spec: Any = None
     log: list[Any] = field(default_factory=list, repr=False)
     calibration_data: list[Any] | None = field(default=None, repr=False)
+    train_data: Any = field(default=None, repr=False)
+    teacher: Any = field(default=None, repr=False, compare=False)
     analyses: dict[str, Any] = field(default_factory=dict, repr=False)
     fake: meta_mod.FakeState | None = field(default=None, repr=False, compare=False)
 
@@ -105,6 +107,8 @@ class Program:
             output_spec=self.output_spec,
             log=list(self.log),
             calibration_data=self.calibration_data,  # data, not model state: shared, never copied
+            train_data=self.train_data,  # likewise: labelled batches for passes that train (distill)
+            teacher=self.teacher,  # the reference model a training pass distills from; never trained
         )
 
     def __call__(self, *inputs: Any) -> Any:
