@@ -19,9 +19,15 @@ def passes_markdown() -> str:
         options = []
         for f in dataclasses.fields(cls.Options):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            options.append(f"`{f.name}`: {type_name(hints[f.name])} = `{default}`")
-        lines.append(f"| `{cls.name}` | {cls.contract.value} | {'<br>'.join(options) or '-'} | {cls.summary()} |")
+            options.append(f"`{f.name}`: {_cell(type_name(hints[f.name]))} = `{default}`")
+        cells = (f"`{cls.name}`", cls.contract.value, "<br>".join(options) or "-", _cell(cls.summary()))
+        lines.append(f"| {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Escape a table cell's pipes (``one of a|b``) so markdown does not split the cell."""
+    return text.replace("|", "\\|")
 
 
 def update_readme(path: str = "README.md") -> bool:

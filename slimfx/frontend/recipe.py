@@ -14,6 +14,11 @@ Schema (every key other than ``stages`` is optional)::
                                                   # quant-insert options, plus `calibrate`: a mapping of
                                                   # calibrate options, true (default: calibrate with its
                                                   # defaults) or false (no calibrate pass)
+      - distill: {epochs: 10, lr: 0.003, temperature: 4, alpha: 0.5}
+                                                  # the distill pass's options (`distill: true` or an empty
+                                                  # `distill:` uses its defaults): fine-tune against the
+                                                  # teacher on the training data (`slimfx run --train`,
+                                                  # compress(train_data=)); after prune or qat-prepare
       - lower: int8                               # or {target: int8, activations: dynamic-per-token|keep}
       - passes: "dce,verify"                      # raw pipeline text, or a list like cleanup's (any pass)
 
@@ -35,7 +40,7 @@ from slimfx.errors import PipelineError, did_you_mean
 from slimfx.passes.pipeline import PassSpec, Pipeline
 
 TOP_KEYS = ("name", "description", "stages")
-STAGE_KINDS = ("cleanup", "prune", "quant", "lower", "passes")
+STAGE_KINDS = ("cleanup", "prune", "quant", "distill", "lower", "passes")
 PRUNE_PASSES = ("prune-channels", "prune-magnitude", "prune-nm", "prune-blocks", "zero-channels")
 LOWER_TARGETS = {"int8": "lower-int8"}
 
@@ -178,6 +183,15 @@ def _stage_quant(path: str, value: Any) -> list[PassSpec]:
     return specs
 
 
+def _stage_distill(path: str, value: Any) -> list[PassSpec]:
+    if value is None or value is True:
+        return [PassSpec("distill")]
+    if not isinstance(value, dict):
+        raise _err(path, f"expected a mapping of distill options (e.g. {{epochs: 10, temperature: 4}}) or true "
+                         f"for the defaults, got {_kind_of(value)} {value!r}; to skip distillation remove the stage")
+    return [_pass_spec(path, "distill", value)]
+
+
 def _stage_lower(path: str, value: Any) -> list[PassSpec]:
     if isinstance(value, str):
         value = {"target": value}
@@ -205,6 +219,7 @@ _STAGES = {
     "cleanup": lambda path, value: _pass_list(path, value, exact_only=True),
     "prune": _stage_prune,
     "quant": _stage_quant,
+    "distill": _stage_distill,
     "lower": _stage_lower,
     "passes": _stage_passes,
 }

@@ -52,9 +52,11 @@ Port = TensorDim | ParamDim | GroupCount
 
 @dataclass(frozen=True)
 class Link:
-    """Index ``i`` of port ``a`` is removed together with indices ``offset + i*expand .. +expand-1`` of ``b``.
+    """Index ``i`` of port ``a`` is removed together with indices ``offset + i*expand .. +expand-1`` of ``b``
+    (with ``interleave``: indices ``offset + i + k*size_a`` for k < expand, a strided set).
 
-    identity: offset 0, expand 1; cat input -> output: offset; flatten/heads/groups: expand (``a`` coarse).
+    identity: offset 0, expand 1; cat input -> output: offset; flatten/heads/groups: expand (``a`` coarse);
+    the inner dim of a channel shuffle's split: interleave.
     """
 
     a: Port
@@ -62,10 +64,12 @@ class Link:
     offset: int = 0
     expand: int = 1
     covers: bool = True  # False when ``a`` maps onto only part of ``b`` (one input of a cat)
+    interleave: bool = False
 
     def pairs(self, size_a: int) -> tuple[torch.Tensor, torch.Tensor]:
-        coarse = torch.arange(size_a).repeat_interleave(self.expand)
-        return coarse, self.offset + torch.arange(size_a * self.expand)
+        fine = torch.arange(size_a * self.expand)
+        coarse = fine % size_a if self.interleave else torch.arange(size_a).repeat_interleave(self.expand)
+        return coarse, self.offset + fine
 
 
 @dataclass
@@ -81,8 +85,9 @@ class NodeRule:
     handled: set[Port] = field(default_factory=set)
     sizes: dict[Port, int] = field(default_factory=dict)
 
-    def link(self, a: Port, b: Port, offset: int = 0, expand: int = 1, covers: bool = True) -> None:
-        self.links.append(Link(a, b, offset, expand, covers))
+    def link(self, a: Port, b: Port, offset: int = 0, expand: int = 1, covers: bool = True,
+             interleave: bool = False) -> None:
+        self.links.append(Link(a, b, offset, expand, covers, interleave))
         self.handled.update((a, b))
 
     def block(self, port: Port, reason: str) -> None:
@@ -444,6 +449,15 @@ def _rule_reshape(program: Program, node: fx.Node) -> NodeRule:
             rule.blocked[ins_all[ins[0]]] = rule.blocked[outs_all[outs[0]]] = (
                 f"%{node.name} regroups dims {ins} of {a} into {outs} of {out}")
             continue
+        if len(ins) == 1 and len(outs) == 2 and _is_channel_shuffle(program, node, outs):
+            # split C into (groups, C/groups), swapped and merged back: a unit is one index of the inner dim,
+            # i.e. the input channels {j, j + C/groups, ...}; the merge after the swap then keeps it whole
+            inner, outer = outs_all[outs[1]], outs_all[outs[0]]
+            rule.blocked.pop(inner, None)
+            rule.blocked.pop(ins_all[ins[0]], None)
+            rule.blocked[outer] = f"%{node.name} splits a channel shuffle's groups; the group count stays"
+            rule.link(inner, ins_all[ins[0]], expand=out[outs[0]], interleave=True)
+            continue
         coarse, fine = (outs_all[outs[0]], ins_all[ins[0]]) if len(outs) > 1 else (ins_all[ins[0]], outs_all[outs[0]])
         rule.blocked.pop(coarse, None)
         rule.blocked.pop(fine, None)
@@ -459,6 +473,36 @@ def _rule_reshape(program: Program, node: fx.Node) -> NodeRule:
                 rule.blocked[outs_all[o]] = (f"%{node.name} computes the size of dim {o} in the graph; "
                                              "slimfx only rewrites constant sizes")
     return rule
+
+
+def _only_user_skipping_copies(program: Program, node: fx.Node) -> fx.Node | None:
+    """The single user of ``node``, looking through same-shape copies (``.contiguous()``, identity)."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if program.kind(user) not in (OpKind.CONTIGUOUS, OpKind.IDENTITY):
+            return user
+        node = user
+    return None
+
+
+def _is_channel_shuffle(program: Program, split: fx.Node, outs: list[int]) -> bool:
+    """``split`` splits one dim into ``outs`` (two adjacent dims), its only user swaps exactly those two dims
+    and the swap's only user merges them back: a ShuffleNet channel shuffle."""
+    swap = _only_user_skipping_copies(program, split)
+    shape = shape_of(split)
+    if swap is None or program.kind(swap) is not OpKind.PERMUTE or shape is None or outs[1] != outs[0] + 1:
+        return False
+    perm = _permutation(swap, len(shape))
+    expected = list(range(len(shape)))
+    expected[outs[0]], expected[outs[1]] = outs[1], outs[0]
+    if perm != expected:
+        return False
+    merge = _only_user_skipping_copies(program, swap)
+    if merge is None or program.kind(merge) is not OpKind.RESHAPE:
+        return False
+    before, after = shape_of(swap), shape_of(merge)
+    blocks = _blocks(before, after) if before is not None and after is not None else None
+    return blocks is not None and any(ins == outs and len(o) == 1 for ins, o in blocks)
 
 
 def _permutation(node: fx.Node, rank: int) -> list[int] | None:
@@ -681,8 +725,13 @@ def _rule_sdpa(program: Program, node: fx.Node) -> NodeRule:
 
 def _rule_multihead_attention(program: Program, node: fx.Node) -> NodeRule:
     rule = NodeRule()
-    why = (f"%{node.name} is an nn.MultiheadAttention: its embed_dim is both its input width and its heads' "
-           "width, so slimfx does not prune it")
+    from slimfx.ir.attention import why_not_decomposable
+
+    reason = why_not_decomposable(program, node) if program.dialect == "torch" else "export dialect"
+    why = (f"%{node.name} is an nn.MultiheadAttention, whose embed_dim is both its input width and its heads' "
+           f"width; prune-channels writes it out as q/k/v projections to prune whole heads, but not this one: "
+           f"{reason}" if reason else f"%{node.name} is an nn.MultiheadAttention kept whole; run "
+           "decompose-attention (prune-channels does) to prune its heads")
     for t in _tensor_args(node):
         for d in range(len(shape_of(t))):
             rule.block(TensorDim(t.name, d), why)

@@ -230,14 +230,9 @@ def _make_group(gid: int, program: Program, rules: _Rules, graph: nx.Graph, port
     for p in ports:
         base[p] = total
         total += sizes[p] or 0
-    parent = list(range(total))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    # channel units = connected components over (port, index) positions; linked positions are merged by
+    # vectorised min-label propagation (a Python union-find over every channel was the analysis' hot spot)
+    ends_a, ends_b = [], []
     if not missing:
         for _, _, data in graph.subgraph(ports).edges(data=True):
             link: Link = data["link"]
@@ -245,22 +240,37 @@ def _make_group(gid: int, program: Program, rules: _Rules, graph: nx.Graph, port
             if (ib.numel() and int(ib.max()) >= sizes[link.b]) or (link.covers and ib.numel() != sizes[link.b]):
                 why.append(f"sizes of {link.a} ({sizes[link.a]}) and {link.b} ({sizes[link.b]}) do not match")
                 continue
-            for i, j in zip((ia + base[link.a]).tolist(), (ib + base[link.b]).tolist()):
-                ri, rj = find(i), find(j)
-                if ri != rj:
-                    parent[max(ri, rj)] = min(ri, rj)
-    unit_ids: dict[int, int] = {}
-    members: dict[Port, torch.Tensor] = {}
-    for p in ports:
-        ids = [unit_ids.setdefault(find(base[p] + i), len(unit_ids)) for i in range(sizes[p] or 0)]
-        members[p] = torch.tensor(ids, dtype=torch.long)
+            ends_a.append(ia.long() + base[link.a])
+            ends_b.append(ib.long() + base[link.b])
+    labels = _components(total, ends_a, ends_b)
+    # a unit's id is its order of first appearance (ports in order): the smallest position is the label
+    _, unit_of = torch.unique(labels, return_inverse=True)
+    members = {p: unit_of[base[p]:base[p] + (sizes[p] or 0)] for p in ports}
+    size = int(unit_of.max()) + 1 if total else 0
     producers, consumers = _roles(program, rules, members)
-    size = len(unit_ids)
     if size < 2 and not why:
         why.append(f"only {size} unit: nothing can be removed")
     reason = "; ".join(dict.fromkeys(why)) if why else None
     name = Layer(program, rules.nodes[ports[0].node]).name
     return ChannelGroup(gid, name, members, size, producers, consumers, not why, reason)
+
+
+def _components(total: int, ends_a: list[torch.Tensor], ends_b: list[torch.Tensor]) -> torch.Tensor:
+    """For positions 0..total-1 linked pairwise (ends_a[k][i] with ends_b[k][i]), each position's component
+    label: the smallest position in its component."""
+    labels = torch.arange(total)
+    if not ends_a:
+        return labels
+    a, b = torch.cat(ends_a), torch.cat(ends_b)
+    while True:
+        low = torch.minimum(labels[a], labels[b])
+        new = labels.clone()
+        new.scatter_reduce_(0, a, low, "amin")
+        new.scatter_reduce_(0, b, low, "amin")
+        new = new[new]  # pointer jumping: follow labels to their own labels
+        if torch.equal(new, labels):
+            return labels
+        labels = new
 
 
 def _roles(program: Program, rules: _Rules, members: dict[Port, torch.Tensor]) -> tuple[list[str], list[str]]:

@@ -23,7 +23,10 @@ _TENSOR_ROLES = frozenset({"weight", "bias", "running_mean", "running_var"})
 
 def _owner_and_name(root: nn.Module, target: str) -> tuple[nn.Module, str]:
     owner, _, name = target.rpartition(".")
-    return (root.get_submodule(owner) if owner else root), name
+    found = ops.find_submodule(root, owner) if owner else root
+    if found is None:
+        raise AttributeError(f"{type(root).__name__} has no submodule {owner!r} (attribute path {target!r})")
+    return found, name
 
 
 def get_attr_value(root: nn.Module, target: str) -> Any:
@@ -53,7 +56,7 @@ class Layer:
         self.node = node
         self.kind = program.kind(node)
         self.module: nn.Module | None = (
-            program.module.get_submodule(node.target) if node.op == "call_module" else None
+            ops.find_submodule(program.module, node.target) if node.op == "call_module" else None
         )
         self.slots = ops.slots(node)
         if self.module is None and self.slots is None:

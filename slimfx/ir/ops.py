@@ -417,12 +417,20 @@ def kind(node: fx.Node, module: nn.Module | None = None) -> OpKind:
     if node.op == "call_module":
         if module is None:
             raise ValueError(f"kind({node.name}): call_module nodes need the owning module")
-        try:
-            sub = module.get_submodule(node.target)
-        except AttributeError:
-            return OpKind.UNKNOWN
-        return MODULE_KINDS.get(type(sub), OpKind.UNKNOWN)
+        sub = find_submodule(module, node.target)
+        return OpKind.UNKNOWN if sub is None else MODULE_KINDS.get(type(sub), OpKind.UNKNOWN)
     return OpKind.UNKNOWN
+
+
+def find_submodule(root: nn.Module, target: str) -> nn.Module | None:
+    """``root.get_submodule(target)`` or None, walking ``_modules`` directly: kind() runs for every node in
+    every analysis, and get_submodule's checks made it a hot spot."""
+    module = root
+    for part in target.split("."):
+        module = module._modules.get(part) if isinstance(module, nn.Module) else None
+        if module is None:
+            return None
+    return module
 
 
 def register_function_kind(fn: Any, op_kind: OpKind) -> None:

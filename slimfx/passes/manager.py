@@ -90,9 +90,14 @@ class PassManager:
         self.runs: list[PassRun] = []
         self._dump_count = 0
 
-    def run(self, program: Program) -> Program:
-        """Run every pass on a clone of ``program`` and return the clone."""
-        program = program.clone()
+    def run(self, program: Program, *, inplace: bool = False) -> Program:
+        """Run every pass on a clone of ``program`` and return the clone.
+
+        inplace=True rewrites ``program`` itself and returns it: for a caller that owns a private program
+        (compress() traced its own copy of the user's model), it saves copying the model once more.
+        """
+        if not inplace:
+            program = program.clone()
         if program.meta_mode == "none":
             program.propagate_meta()
         reference = program(*program.example_inputs) if self.check_numerics else None
@@ -178,10 +183,12 @@ def _enforce_contract(p: Pass, diff: Any, result: PassResult) -> None:
             )
 
 
-def run_pipeline(program: Program, pipeline: Pipeline | str | Iterable[Any], **instrument_options: Any) -> Program:
-    """Run ``pipeline`` over a copy of ``program`` and return it; ``program`` is never mutated.
+def run_pipeline(program: Program, pipeline: Pipeline | str | Iterable[Any], *, inplace: bool = False,
+                 **instrument_options: Any) -> Program:
+    """Run ``pipeline`` over a copy of ``program`` and return it; ``program`` is never mutated
+    (unless ``inplace=True``: then the program itself is rewritten and returned, see PassManager.run).
 
     ``instrument_options`` are PassManager's keyword options (verify_each, check_numerics,
     dump_ir_before, dump_ir_after, dump_to, progress). The per-pass records are in ``result.log``.
     """
-    return PassManager(pipeline, **instrument_options).run(program)
+    return PassManager(pipeline, **instrument_options).run(program, inplace=inplace)

@@ -58,6 +58,13 @@ def test_shorthands_and_passes_stage():
     ("stages: [{passes: 'dce,fold-bm'}]", "stages[0].passes:", "did you mean 'fold-bn'"),
     ("stagse: []", "stagse:", "did you mean 'stages'"),
     ("name: x", "stages:", "non-empty list"),
+    ("stages: [{distill: {epoch: 3}}]", "stages[0].distill.epoch:", "did you mean 'epochs'"),
+    ("stages: [{distill: {temperature: hot}}]", "stages[0].distill.temperature:", "expects float"),
+    ("stages: [{distill: {alpha: 1.5}}]", "stages[0].distill.alpha:", "must be in [0, 1]"),
+    ("stages: [{distill: {amp: fp8}}]", "stages[0].distill.amp:", "one of auto|off|bf16|fp16"),
+    ("stages: [{distill: false}]", "stages[0].distill:", "to skip distillation remove the stage"),
+    ("stages: [{distill: 3}]", "stages[0].distill:", "expected a mapping of distill options"),
+    ("stages: [{distil: {}}]", "stages[0].distil:", "did you mean 'distill'"),
 ])
 def test_errors_name_the_key_path(text, path, hint):
     with pytest.raises(PipelineError) as info:
@@ -79,3 +86,32 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("stages: [\n")
     with pytest.raises(PipelineError, match="not valid YAML"):
         load_recipe(bad)
+
+
+def test_distill_stage_takes_the_pass_options_or_its_defaults():
+    recipe = parse("""
+        stages:
+          - prune: {pass: prune-magnitude, sparsity: 0.5}
+          - distill: {epochs: 5, temperature: 2, features: auto, amp: bf16}
+          - distill: true
+          - distill:
+    """)
+    assert [s.kind for s in recipe.stages] == ["prune", "distill", "distill", "distill"]
+    assert str(recipe.pipeline()) == ("prune-magnitude{sparsity=0.5},"
+                                      "distill{epochs=5,temperature=2.0,features=auto,amp=bf16},distill,distill")
+
+
+@pytest.mark.parametrize("name, kinds, pipeline", [
+    ("digits-prune-kd.yaml", ["cleanup", "prune", "distill"],
+     "canonicalize,prune-channels{sparsity=0.5,importance=l1},"
+     "distill{epochs=10,lr=0.003,schedule=cosine,temperature=4.0,alpha=0.5}"),
+    ("digits-qat-kd-int8.yaml", ["cleanup", "quant", "passes", "distill", "passes", "lower"],
+     "canonicalize,fold-bn,quant-insert{weights=int8-per-channel,activations=int8-per-tensor},"
+     "calibrate{batches=8,progress=false},qat-prepare,distill{epochs=3,lr=0.001,temperature=4.0,alpha=0.9},"
+     "qat-freeze,lower-int8"),
+])
+def test_distillation_example_recipes(name, kinds, pipeline):
+    recipe = load_recipe(EXAMPLE.parent / name)
+    assert recipe.name == name.removesuffix(".yaml")
+    assert [s.kind for s in recipe.stages] == kinds
+    assert str(recipe.pipeline()) == pipeline

@@ -1,5 +1,7 @@
 """Channel groups on hand-written models: which channels couple, how indices map, and what is refused."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -143,23 +145,44 @@ def test_flatten_linear_expands_each_channel_by_the_spatial_size(frontend):
 
 
 @pytest.mark.parametrize("frontend", FRONTENDS)
-@pytest.mark.parametrize("style", ["reshape", "unflatten"])
-def test_channel_shuffle_is_refused_with_a_reason(frontend, style):
+@pytest.mark.parametrize("dims,style", [(2, "reshape"), (2, "unflatten"), (1, "view")])
+def test_channel_shuffle_couples_strided_channels_and_prunes_exactly(frontend, dims, style):
+    conv = nn.Conv2d if dims == 2 else nn.Conv1d
+
     class Shuffle(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.shuffle, self.out = nn.Conv2d(3, 8, 1), ChannelShuffle(2, 8, 2, style), nn.Conv2d(8, 2, 1)
+            self.a, self.shuffle, self.out = conv(3, 8, 1), ChannelShuffle(dims, 8, 2, style), conv(8, 2, 1)
 
         def forward(self, x):
-            return self.out(self.shuffle(self.a(x))).mean((2, 3))
+            return self.out(self.shuffle(self.a(x))).mean(-1)
 
-    program, groups = _groups(Shuffle(), _image(), frontend=frontend)
+    model = Shuffle().eval()
+    x = _image() if dims == 2 else torch.randn(2, 3, 8)
+    program, groups = _groups(model, x, frontend=frontend)
     g = _group_of(program, groups, "a")
-    assert not g.prunable and g.reason
+    assert g.prunable, g.reason
+    assert g.size == 4  # a unit = one index of the inner (channels per group) dim
+    filters = next(p for p in g.members if isinstance(p, ParamDim) and p.role == "weight" and p.dim == 0)
+    # a's filter c = k * 4 + j (group k, index j) belongs to unit j: units {0, 4}, {1, 5}, ...
+    assert g.members[filters].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    cols = next(p for p in g.members if isinstance(p, ParamDim) and p.role == "weight" and p.dim == 1)
+    # after the shuffle, out's input channel j * 2 + k comes from unit j
+    assert g.members[cols].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    # zero the units to remove, then remove them physically: the outputs must not change
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for c in (1, 5, 3, 7):  # units 1 and 3
+            zeroed.a.weight[c] = 0
+            zeroed.a.bias[c] = 0
+    pruned = slimfx.run_pipeline(slimfx.trace(zeroed, x, frontend=frontend),
+                                 "prune-channels{sparsity=0.5,importance=l1}")
+    assert (program.num_params(), pruned.num_params()) == (50, 26)  # a: 8 -> 4 filters; out: 8 -> 4 inputs
+    torch.testing.assert_close(pruned.module(x), zeroed(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("frontend", FRONTENDS)
-def test_separate_qkv_attention_prunes_whole_heads_and_mha_is_refused(frontend):
+def test_separate_qkv_attention_prunes_whole_heads_and_mha_waits_for_decomposition(frontend):
     class Attn(nn.Module):
         def __init__(self):
             super().__init__()
@@ -176,8 +199,14 @@ def test_separate_qkv_attention_prunes_whole_heads_and_mha_is_refused(frontend):
     assert heads.prunable and heads.size == 2  # units are heads
     assert _group_of(program, groups, "sa.k") is heads and _group_of(program, groups, "sa.v") is heads
     stream = _group_of(program, groups, "sa.out")
-    if frontend == "fx":  # the module is refused; torch.export decomposes it into linears that are plain consumers
-        assert not stream.prunable and "MultiheadAttention" in stream.reason
+    if frontend == "fx":  # the module is whole until decompose-attention (run by prune-channels) writes it out
+        assert not stream.prunable and "decompose-attention" in stream.reason
+        decomposed = slimfx.run_pipeline(program, "decompose-attention")
+        groups = build_channel_groups(decomposed)
+        assert _group_of(decomposed, groups, "sa.out").prunable
+        mha_heads = _group_of(decomposed, groups, "mha.attn.q_proj")
+        assert mha_heads.prunable and mha_heads.size == 2  # nn.MultiheadAttention's heads, whole
+        assert _group_of(decomposed, groups, "mha.attn.k_proj") is mha_heads
     else:
         assert stream.prunable and not _group_of(program, groups, "mha.attn").prunable
 

@@ -15,8 +15,9 @@ from slimfx.testing import check_contract
 from slimfx.testing import strategies as sst
 
 # Passes that need data the random models don't carry (calibration batches, teachers) opt out here
-# and are property-tested in their own modules.
-NEEDS_EXTRA_INPUTS = {"calibrate"}
+# and are property-tested in their own modules. distill needs labelled data and a teacher, and the random
+# models' outputs are not class logits (tests/passes/distill/test_distill_pass.py).
+NEEDS_EXTRA_INPUTS = {"calibrate", "distill"}
 PASSES = sorted(name for name in registry() if name not in NEEDS_EXTRA_INPUTS and not name.startswith("test-"))
 
 

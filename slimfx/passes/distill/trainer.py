@@ -1,5 +1,5 @@
 """distill(): train a student to imitate a teacher: soft labels + hard labels, optional feature and attention
-losses through taps and adapters, per-epoch evaluation, early stopping, DDP and (CUDA) AMP.
+losses through taps and adapters, per-epoch evaluation, early stopping, DDP and mixed precision (autocast).
 
 Data order is a seeded permutation per epoch, identical on every rank; each global batch is split into
 contiguous per-rank shards and each rank's loss is scaled by ``n_local * world / n_global``, so the
@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,6 +28,21 @@ from slimfx.passes.distill.losses import LossWeights, distill_loss
 from slimfx.passes.distill.taps import add_taps, format_pairs, match_nodes, pair_stages, strip_taps
 
 Pairs = Sequence[tuple[str, str]]
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+"""Mixed-precision modes: auto (float16 on CUDA, off elsewhere), off, bf16 or fp16 autocast on any device."""
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The dtype the forward passes autocast to under ``amp`` on ``device``, or None for full precision.
+
+    ``auto`` is float16 on CUDA (with gradient scaling) and off elsewhere; ``bf16`` / ``fp16`` are honoured
+    on any device, so bf16 training can be tested (and used) on a CPU.
+    """
+    if amp not in AMP_MODES:
+        raise PassError(f"distill: amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if amp == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 class LogitsOnly(nn.Module):
@@ -60,7 +76,8 @@ class _Student(nn.Module):
         return logits, [a(f) for a, f in zip(self.adapters, raw)], raw
 
 
-def _tensors(data: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+def labelled_tensors(data: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) of a ``Split`` or an ``(inputs, labels)`` tuple; PassError naming ``what`` otherwise."""
     if hasattr(data, "x") and hasattr(data, "y"):
         return data.x, data.y
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
@@ -133,6 +150,7 @@ def distill(
     weight_decay: float = 0.0,
     device: str | torch.device | None = None,
     history: list[dict[str, float]] | None = None,
+    amp: str = "auto",
 ) -> nn.Module | Program:
     """Train a copy of ``student`` against ``teacher`` and return it (same type as ``student``, in eval mode).
 
@@ -148,11 +166,12 @@ def distill(
     student in eval mode without gradients (a view returning only the original output), and the
     returned student has the weights of the best-scoring epoch. ``patience``: stop after that many epochs
     without improvement. ``optimizer``: adam | sgd (momentum 0.9); ``schedule``: constant | cosine (annealed
-to 0 over all steps). Deterministic for a seed (the global RNG
-    is left as it was). Under an initialised torch.distributed process group the student is wrapped in
-    DistributedDataParallel and every rank takes its shard of each global batch of ``batch_size``. On CUDA
-    the forward passes run under autocast (float16) with gradient scaling. ``history``, when given, gets one
-    dict per epoch (loss, and score when evaluated).
+    to 0 over all steps). Deterministic for a seed (the global RNG is left as it was). Under an initialised
+    torch.distributed process group the student is wrapped in DistributedDataParallel and every rank takes
+    its shard of each global batch of ``batch_size``. ``amp`` (see :func:`autocast_dtype`): the forward
+    passes run under autocast to float16 (with gradient scaling) or bfloat16 (no scaling needed: it has
+    float32's exponent range); the weights, the optimizer state and the losses stay float32. ``history``,
+    when given, gets one dict per epoch (loss, and score when evaluated).
     """
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise PassError(f"distill: epochs, batch_size and lr must be positive, got epochs={epochs}, "
@@ -165,9 +184,11 @@ to 0 over all steps). Deterministic for a seed (the global RNG
         raise PassError("distill: patience (early stopping) needs eval_data to score each epoch")
     if eval_fn is not None and eval_data is None:
         raise PassError("distill: eval_fn is given but eval_data is not; pass eval_data=... (what eval_fn scores)")
+    if amp not in AMP_MODES:
+        raise PassError(f"distill: amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
     weights = LossWeights(temperature=temperature, alpha=alpha, feature=feature_weight, feature_loss=feature_loss,
                           attention=attention_weight)
-    x, y = _tensors(train_data, "train_data")
+    x, y = labelled_tensors(train_data, "train_data")
     rank, world = _world()
     if batch_size < world:
         raise PassError(f"distill: batch_size={batch_size} is the global batch; it must be >= the world size {world}")
@@ -214,9 +235,9 @@ to 0 over all steps). Deterministic for a seed (the global RNG
             opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
         else:
             opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-        use_amp = device.type == "cuda"
-        scaler = torch.amp.GradScaler("cuda") if use_amp else None
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else nullcontext
+        amp_dtype = autocast_dtype(amp, device)
+        scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        autocast = nullcontext if amp_dtype is None else partial(torch.autocast, device.type, dtype=amp_dtype)
         if eval_data is not None and eval_fn is None:
             from slimfx.datasets import accuracy as eval_fn  # noqa: N813 (the default score)
 

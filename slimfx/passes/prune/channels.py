@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch import fx
 
+from slimfx.ir.attention import decompose_attention
 from slimfx.ir.channels import (
     ANALYSIS,
     ChannelGroup,
@@ -422,16 +423,19 @@ class PruneChannels(Pass):
     Options = PruneChannelsOptions
 
     def run(self, program: Program) -> PassResult:
+        decomposed, attention_notes = decompose_attention(program)  # nn.MultiheadAttention -> prunable heads
         counter = MacCounter(program)
         macs_before = counter.total({})
         params_before = program.num_params()
         plan = plan_channels(program, self.options)
+        plan.notes[:0] = attention_notes
         kept = _kept_counts([g for g in plan.groups if g.id in plan.keep], plan.keep)
         stats = _stats(program, plan)
         stats["macs_before"], stats["macs_after"] = macs_before, counter.total(kept)
         stats["layers"] = remove_channels(program, plan)
         stats["params_before"], stats["params_after"] = params_before, program.num_params()
-        return PassResult(changed=plan.removed_units() > 0, stats=stats, notes=plan.notes)
+        stats["attention_decomposed"] = decomposed
+        return PassResult(changed=plan.removed_units() > 0 or decomposed > 0, stats=stats, notes=plan.notes)
 
 
 @register_pass
@@ -443,9 +447,11 @@ class ZeroChannels(Pass):
     Options = PruneChannelsOptions
 
     def run(self, program: Program) -> PassResult:
+        decomposed, attention_notes = decompose_attention(program)  # the same program prune-channels plans on
         plan = plan_channels(program, self.options)
         zero_channels(program, plan)
-        return PassResult(changed=plan.removed_units() > 0, stats=_stats(program, plan), notes=plan.notes)
+        return PassResult(changed=plan.removed_units() > 0 or decomposed > 0, stats=_stats(program, plan),
+                          notes=attention_notes + plan.notes)
 
 
 __all__ = [
