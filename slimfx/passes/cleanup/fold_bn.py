@@ -58,12 +58,14 @@ class FoldBatchNorm(Pass):
                 continue
             producer = data_input(bn)
             _fold(Layer(program, producer), bn_layer)
+            leftovers = [bn.target] if bn.op == "call_module" else _attr_leftovers(program, bn)
             for user in list(bn.users):  # aten's _native_batch_norm_legit_no_training returns a tuple
                 if user.op == "call_function" and user.target is operator.getitem:
                     user.replace_all_uses_with(producer)
                     program.graph.erase_node(user)
             bn.replace_all_uses_with(producer)
             program.graph.erase_node(bn)
+            _drop_unused(program, leftovers)
             folded += 1
         return PassResult(changed=folded > 0, stats={"folded": folded}, notes=notes)
 
@@ -95,6 +97,37 @@ class FoldBatchNorm(Pass):
         if layer.kind is OpKind.LINEAR and (meta is None or len(meta.shape) != 2):
             return "a BatchNorm after a linear is folded only for [batch, features] activations"
         return None
+
+
+def _attr_leftovers(program: Program, bn: fx.Node) -> list[fx.Node]:
+    """A functional/aten BatchNorm's get_attr inputs, plus unused get_attrs of the same owner (aten graphs
+    keep ``num_batches_tracked`` as a get_attr that nothing reads)."""
+    inputs = [a for a in bn.all_input_nodes if a.op == "get_attr"]
+    owners = {str(a.target).rpartition(".")[0] for a in inputs} - {""}
+    extra = [n for n in program.graph.nodes if n.op == "get_attr" and not n.users and n not in inputs
+             and str(n.target).rpartition(".")[0] in owners]
+    return inputs + extra
+
+
+def _drop_unused(program: Program, leftovers: list) -> None:
+    """Delete what a folded BatchNorm leaves behind (its submodule, or its get_attr nodes and tensors) unless
+    something else still uses it: the folded statistics must not stay in the state_dict and the artifact."""
+    used = {str(n.target) for n in program.graph.nodes if n.op in ("call_module", "get_attr")}
+    for item in leftovers:
+        if isinstance(item, fx.Node):
+            if item.users:
+                continue
+            target = str(item.target)
+            program.graph.erase_node(item)
+            used = {str(n.target) for n in program.graph.nodes if n.op in ("call_module", "get_attr")}
+        else:
+            target = str(item)
+        if target in used:
+            continue
+        owner, _, name = target.rpartition(".")
+        parent = program.module.get_submodule(owner) if owner else program.module
+        if hasattr(parent, name):
+            delattr(parent, name)
 
 
 def bn_affine(bn: Layer) -> tuple[torch.Tensor, torch.Tensor]:
