@@ -1,20 +1,26 @@
-"""int8 on CPU, as a user gets it: lowered int8 linears vs fp32 and torch.ao, and ONNX QDQ under onnxruntime.
+"""int8 on CPU, as a user gets it: lowered int8 linears and convs vs fp32 and torch.ao; ONNX QDQ under onnxruntime.
 
-Table 1, per M x K x N: a program with one Linear taken through ``quant-insert,calibrate,lower-int8``
-(static per-tensor activations, what the pipeline produces), Int8Linear directly in ``dynamic_per_token``
-and ``dynamic_per_tensor`` modes, torch.ao's dynamic quantized Linear, and fp32 nn.Linear; ms and the
-ratios against fp32 and torch.ao, measured in one run. Table 2: onnxruntime latency of slimfx's QDQ export
-of a small MLP (int8 and int7 weights) against the fp32 ONNX export of the same MLP (and slimfx's own
-lowered program in torch).
-Targets (reported against, not assumed): >= 2x vs fp32 at the large shapes, >= 1x vs torch.ao.
+Table 1, per M x K x N: a one-Linear program through ``quant-insert,calibrate,lower-int8`` with 7-bit static
+activations (``activations=int7-per-tensor``, torch.ao's reduce_range: what fbgemm / oneDNN compute exactly on
+AVX2) and with the default 8-bit ones; Int8Linear directly in ``dynamic_per_token`` (the GPU kernel's numerics)
+and ``dynamic_per_tensor`` (torch.ao's); torch.ao's dynamic quantized Linear; fp32 nn.Linear. Table 2, per conv
+shape: a one-Conv2d program lowered the same ways, on NCHW and channels-last inputs, vs fp32 conv (both layouts;
+the ratio is against the faster) and torch.ao's static quantized conv (x86 qconfig: quantize, quantized::conv2d,
+dequantize). Each row names the kernel the dispatcher chose; Table 3 lists every candidate it timed or
+rejected in this run. Table 4: onnxruntime latency of slimfx's QDQ export of a small MLP (int8 and int7
+weights) against the fp32 ONNX export of the same MLP (and slimfx's own lowered program in torch).
+Errors: max |y - ref| / max |ref| against the fp32 layer and against the lowered layer's own fake-quant
+simulation (0 = bit-identical). Targets (reported against, not assumed): >= 2x vs fp32 at the large shapes,
+>= 1x vs torch.ao.
 
-    python bench/int8_cpu.py            # 4 shapes, 256x1024x1024 .. 1024x4096x4096 (a few minutes on 2 cores)
-    python bench/int8_cpu.py --quick    # 2 shapes, short budgets (< 1 minute)
+    python bench/int8_cpu.py            # 4 linear + 5 conv shapes (several minutes on 2 cores)
+    python bench/int8_cpu.py --quick    # 2 + 2 smaller shapes, short budgets (~1-2 minutes)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -36,20 +42,25 @@ import slimfx  # noqa: E402
 import slimfx.passes.quant.insert  # noqa: E402, F401  (registers the passes)
 import slimfx.passes.quant.lower  # noqa: E402, F401
 from slimfx.export import export_qdq  # noqa: E402
-from slimfx.kernels import Int8Linear, cpu_kernels  # noqa: E402
+from slimfx.kernels import Int8Conv2d, Int8Linear, cpu_kernels, dispatch  # noqa: E402
 from slimfx.passes.quant.calibrate import set_calibration_data  # noqa: E402
 
 SHAPES = [(256, 1024, 1024), (512, 1024, 4096), (512, 4096, 1024), (1024, 4096, 4096)]
 QUICK_SHAPES = [(256, 1024, 1024), (512, 1024, 4096)]
-PIPELINE = "quant-insert,calibrate{progress=false},lower-int8"
+# (batch, in channels, height = width, out channels, kernel, stride, groups): ResNet-like layers, a 1x1
+# projection and a depthwise conv
+CONV_SHAPES = [(16, 64, 56, 64, 3, 1, 1), (16, 128, 28, 128, 3, 1, 1), (16, 256, 14, 256, 3, 1, 1),
+               (16, 256, 28, 64, 1, 1, 1), (16, 128, 56, 128, 3, 1, 128)]
+QUICK_CONV_SHAPES = [(8, 64, 28, 64, 3, 1, 1), (8, 128, 28, 128, 3, 1, 128)]
+ACTIVATIONS = {"int7-per-tensor": "7-bit static", "int8-per-tensor": "8-bit static (default)"}
 
 
-def lowered_program(model: nn.Module, k: int, rows: int = 64) -> slimfx.Program:
-    """``model`` through quant-insert, calibrate (4 random batches) and lower-int8."""
-    g = torch.Generator().manual_seed(1)
-    program = slimfx.trace(model, (torch.randn(rows, k, generator=g),))
-    set_calibration_data(program, [torch.randn(rows, k, generator=g) for _ in range(4)])
-    return slimfx.run_pipeline(program, PIPELINE)
+def lowered_programs(model: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor],
+                     activations: str) -> tuple[slimfx.Program, slimfx.Program]:
+    """``model`` through quant-insert{activations=...},calibrate: (the fake-quant simulation, it lowered)."""
+    program = set_calibration_data(slimfx.trace(model, (example,)), calibration)
+    simulated = slimfx.run_pipeline(program, f"quant-insert{{activations={activations}}},calibrate{{progress=false}}")
+    return simulated, slimfx.run_pipeline(simulated, "lower-int8")
 
 
 def ao_dynamic(model: nn.Module) -> nn.Module:
@@ -58,35 +69,98 @@ def ao_dynamic(model: nn.Module) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 
+def ao_static_conv(conv: nn.Conv2d, calibration: list[torch.Tensor]) -> nn.Module:
+    """torch.ao eager static quantization of one conv (x86 qconfig: 7-bit activations, per-channel weights)."""
+    from torch.ao import quantization as tq
+
+    model = nn.Sequential(tq.QuantStub(), copy.deepcopy(conv), tq.DeQuantStub()).eval()
+    model.qconfig = tq.get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tq.prepare(model, inplace=True)
+        with torch.no_grad():
+            for batch in calibration:
+                model(batch)
+        tq.convert(model, inplace=True)
+    return model
+
+
+def _kernel_of(program: slimfx.Program, cls: type) -> str:
+    kernels = {m.last_kernel for m in program.module.modules() if isinstance(m, cls)}
+    return ",".join(sorted(k or "?" for k in kernels))
+
+
 def bench_linear(shapes, budget_s: float) -> str:
     rows = []
     for m, k, n in shapes:
         torch.manual_seed(0)
         linear = nn.Linear(k, n).eval()
         x = torch.randn(m, k)
+        g = torch.Generator().manual_seed(1)
+        calibration = [torch.randn(64, k, generator=g) for _ in range(4)]
         with torch.no_grad():
             ref = linear(x)
             t_fp32 = time_ms(partial(linear, x), budget_s)
             ao = ao_dynamic(nn.Sequential(linear))
             t_ao = time_ms(partial(ao, x), budget_s)
             results = []
-            program = lowered_program(nn.Sequential(linear), k)
-            (module,) = [mod for mod in program.module.modules() if isinstance(mod, Int8Linear)]
-            program.module(x)  # the dispatcher measures its candidates once for this shape, outside the timing
-            t = time_ms(partial(program.module, x), budget_s)
-            results.append((f"slimfx lowered program, {module.mode} [{module.last_kernel}]", t, program.module(x)))
+            for activations, label in ACTIVATIONS.items():
+                simulated, lowered = lowered_programs(nn.Sequential(linear), calibration[0], calibration,
+                                                      activations)
+                lowered.module(x)  # the dispatcher measures its candidates once for this shape, outside the timing
+                t = time_ms(partial(lowered.module, x), budget_s)
+                y = lowered.module(x)
+                results.append((f"slimfx lowered, {label} [{_kernel_of(lowered, Int8Linear)}]", t, y,
+                                cpu_kernels.relative_error(y, simulated.module(x))))
             for mode in ("dynamic_per_token", "dynamic_per_tensor"):
                 direct = Int8Linear.from_float(linear, mode=mode)
                 direct(x)
                 t = time_ms(partial(direct, x), budget_s)
-                results.append((f"slimfx Int8Linear {mode} [{direct.last_kernel}]", t, direct(x)))
-            results.append(("torch.ao dynamic quantized Linear", t_ao, ao(x)))
-        for name, t, y in results:
-            rows.append([f"{m}x{k}x{n}", name, t, t_fp32 / t, t_ao / t, cpu_kernels.relative_error(y, ref)])
-        rows.append([f"{m}x{k}x{n}", "fp32 nn.Linear", t_fp32, 1.0, t_ao / t_fp32, 0.0])
+                results.append((f"slimfx Int8Linear {mode} [{direct.last_kernel}]", t, direct(x), "-"))
+            results.append(("torch.ao dynamic quantized Linear", t_ao, ao(x), "-"))
+        for name, t, y, vs_sim in results:
+            rows.append([f"{m}x{k}x{n}", name, t, t_fp32 / t, t_ao / t, cpu_kernels.relative_error(y, ref), vs_sim])
+        rows.append([f"{m}x{k}x{n}", "fp32 nn.Linear", t_fp32, 1.0, t_ao / t_fp32, 0.0, "-"])
         print(f"  linear {m}x{k}x{n} done", file=sys.stderr, flush=True)
     return markdown(["M x K x N", "implementation [kernel]", "ms", "vs fp32", "vs torch.ao",
-                     "max rel err vs fp32"], rows)
+                     "max rel err vs fp32", "vs its simulation"], rows)
+
+
+def bench_conv(shapes, budget_s: float) -> str:
+    rows = []
+    for batch, cin, size, cout, kernel, stride, groups in shapes:
+        torch.manual_seed(0)
+        conv = nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, groups=groups).eval()
+        x = torch.randn(batch, cin, size, size)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        g = torch.Generator().manual_seed(1)
+        calibration = [torch.randn(min(batch, 4), cin, size, size, generator=g) for _ in range(3)]
+        shape = f"{batch}x{cin}x{size}x{size} {kernel}x{kernel}/{stride} g{groups} -> {cout}"
+        with torch.no_grad():
+            ref = conv(x)
+            conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
+            t_nchw = time_ms(partial(conv, x), budget_s)
+            t_cl = time_ms(partial(conv_cl, x_cl), budget_s)
+            t_fp32 = min(t_nchw, t_cl)
+            ao = ao_static_conv(conv, calibration)
+            t_ao = time_ms(partial(ao, x), budget_s)
+            results = [("fp32 nn.Conv2d, NCHW", t_nchw, ref, "-"), ("fp32 nn.Conv2d, channels_last", t_cl,
+                                                                      conv_cl(x_cl), "-")]
+            for activations, label in ACTIVATIONS.items():
+                simulated, lowered = lowered_programs(nn.Sequential(conv), calibration[0], calibration,
+                                                      activations)
+                for layout, inputs in (("NCHW", x), ("channels_last", x_cl)):
+                    lowered.module(inputs)  # the dispatcher measures once per shape and layout
+                    t = time_ms(partial(lowered.module, inputs), budget_s)
+                    y = lowered.module(inputs)
+                    results.append((f"slimfx lowered, {label}, {layout} [{_kernel_of(lowered, Int8Conv2d)}]", t, y,
+                                    cpu_kernels.relative_error(y, simulated.module(inputs))))
+            results.append(("torch.ao static quantized Conv2d (7-bit act)", t_ao, ao(x), "-"))
+        for name, t, y, vs_sim in results:
+            rows.append([shape, name, t, t_fp32 / t, t_ao / t, cpu_kernels.relative_error(y, ref), vs_sim])
+        print(f"  conv {shape} done", file=sys.stderr, flush=True)
+    return markdown(["N x C x H x W kernel/stride groups -> O", "implementation [kernel]", "ms",
+                     "vs best fp32", "vs torch.ao", "max rel err vs fp32", "vs its simulation"], rows)
 
 
 def ort_session(path: Path):
@@ -156,7 +230,7 @@ def bench_onnx_mlp(width: int, depth: int, batch: int, budget_s: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 shapes, short budgets (< 1 minute)")
+    parser.add_argument("--quick", action="store_true", help="2 linear + 2 conv shapes, short budgets")
     parser.add_argument("--use-cache", action="store_true",
                         help="reuse the dispatcher's disk cache (default: measure afresh in a temp dir)")
     args = parser.parse_args(argv)
@@ -168,8 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as cache_dir:
         if not args.use_cache:
             os.environ["SLIMFX_CACHE_DIR"] = cache_dir
-        print("\n## int8 linear (best-of-runs ms; vs X = X ms / ms; max rel err vs the fp32 layer)\n")
+        print("\n## int8 linear (best-of-runs ms; vs X = X ms / ms)\n")
         print(bench_linear(QUICK_SHAPES if args.quick else SHAPES, budget), flush=True)
+        print("\n## int8 conv2d (best-of-runs ms; vs X = X ms / ms)\n")
+        print(bench_conv(QUICK_CONV_SHAPES if args.quick else CONV_SHAPES, budget), flush=True)
+        print("\n## the dispatcher's choices in this run (every candidate's time, every rejection)\n")
+        print(dispatch.format_choice_table(dispatch.choice_table()), flush=True)
         width, depth, batch = 1024, 3, 256
         print(f"\n## ONNX QDQ export under onnxruntime: MLP of {depth} x {width}-wide linears, batch {batch} "
               "(best-of-runs ms)\n")

@@ -1,14 +1,14 @@
 """The end-to-end demo on scikit-learn's digits: train a teacher, distill a smaller student, prune half its
 channels (with distillation fine-tuning), quantize to int8 and lower, save the artifact and reload it
-bit-for-bit, and print accuracy / size / latency per stage. Every number is measured on this machine in
-this run.
+bit-for-bit, print accuracy / size / latency per stage and the per-layer table of the int8 stage (against
+the pruned float model it was quantized from), and plot both (stages.png, layers.png). Every number is
+measured on this machine in this run.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -19,6 +19,9 @@ from safetensors.torch import save_file
 from slimfx.datasets import Split, accuracy, load_digits, train_classifier
 from slimfx.errors import SlimfxError
 from slimfx.export.artifact import load, save
+from slimfx.frontend.layer_report import compare_layers
+from slimfx.frontend.layer_report import latency_ms as _latency_ms
+from slimfx.frontend.report import plot_layers, plot_stages, render_layers
 from slimfx.frontend.trace import trace
 from slimfx.ir.program import Program
 from slimfx.passes.distill.trainer import distill
@@ -58,15 +61,7 @@ def _module(model: nn.Module | Program) -> nn.Module:
 
 def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 15, warmup: int = 3) -> float:
     """Median milliseconds of ``model(x)`` without gradients, after ``warmup`` untimed calls."""
-    with torch.no_grad():
-        for _ in range(warmup):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return _latency_ms(model, (x,), repeats=repeats, warmup=warmup)
 
 
 def _measure(name: str, model: nn.Module | Program, test: Split, out_dir: str, pipeline: str = "") -> Stage:
@@ -80,8 +75,18 @@ def _measure(name: str, model: nn.Module | Program, test: Split, out_dir: str, p
                  latency_ms(module, test.x[:256]), pipeline)
 
 
-def run_demo(out_dir: str = "slimfx-demo", progress: bool = False) -> list[Stage]:
-    """Run every stage, write one safetensors file per stage and report.json to ``out_dir``."""
+@dataclass
+class DemoResult:
+    """What the demo measured: the stages, the per-layer rows of the int8 stage and the plots written."""
+
+    stages: list[Stage]
+    layers: list[dict]
+    plots: list[str]
+
+
+def run_demo(out_dir: str = "slimfx-demo", progress: bool = False) -> DemoResult:
+    """Run every stage; write one safetensors file per stage, report.json (the stages), layers.json (the int8
+    stage per layer), stages.png and layers.png to ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(0)
     train, test = load_digits()
@@ -112,9 +117,17 @@ def run_demo(out_dir: str = "slimfx-demo", progress: bool = False) -> list[Stage
             raise SlimfxError(f"the artifact in {artifact} did not reload bit-for-bit")
     stages.append(_measure("reloaded artifact", reloaded.program, test, out_dir, quantized.pipeline_text()))
 
+    layers = [r.as_dict() for r in compare_layers(pruned, quantized, (test.x[:256],))]
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump([asdict(s) for s in stages], f, indent=1)
-    return stages
+    with open(os.path.join(out_dir, "layers.json"), "w") as f:
+        json.dump(layers, f, indent=1)
+    plots = [plot_stages([{"stage": s.stage, "params": s.params, "bytes": s.bytes_on_disk, "accuracy": s.accuracy}
+                          for s in stages], os.path.join(out_dir, "stages.png"),
+                         "bytes on disk (bars) and digits test accuracy (line) per stage"),
+             plot_layers(layers, os.path.join(out_dir, "layers.png"),
+                         "int8 stage per layer, SQNR against the pruned float model")]
+    return DemoResult(stages, layers, [p for p in plots if p])
 
 
 def format_table(stages: list[Stage]) -> str:
@@ -130,7 +143,12 @@ def format_table(stages: list[Stage]) -> str:
 
 def main(out_dir: str = "slimfx-demo") -> int:
     start = time.perf_counter()
-    stages = run_demo(out_dir)
-    print(format_table(stages))
-    print(f"\nfiles and report.json in {out_dir}/ ({time.perf_counter() - start:.0f} s)")
+    result = run_demo(out_dir)
+    print(format_table(result.stages))
+    print(f"\n{result.stages[-2].stage} per layer, against the pruned float model (test images 0-255):")
+    print(render_layers(result.layers))
+    print()
+    for path in result.plots:
+        print(f"wrote {path}")
+    print(f"files, report.json and layers.json in {out_dir}/ ({time.perf_counter() - start:.0f} s)")
     return 0

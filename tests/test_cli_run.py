@@ -128,3 +128,66 @@ def test_run_usage_errors_exit_2(capsys, tmp_path, argv, message):
     code, out, err = run(capsys, "run", model, *argv, "--out", str(tmp_path))
     assert code == 2
     assert err.startswith("slimfx: error:") and message in err
+
+
+KD_RECIPE = str(Path(__file__).resolve().parents[1] / "examples" / "recipes" / "digits-prune-kd.yaml")
+
+
+def test_run_prune_kd_recipe_with_digits_training_data(capsys, tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # training on a busy 2-core machine is several times faster with one thread
+    try:
+        code, out, err = run(capsys, "run", "digits-mlp", "--recipe", KD_RECIPE, "--train", "digits",
+                             "--out", str(tmp_path))
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    assert out.startswith("pipeline: canonicalize,prune-channels{sparsity=0.5,importance=l1},distill{epochs=10,")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["canonicalize", "prune-channels", "distill"]
+    assert report["train"] == "digits" and report["teacher"] == "digits-mlp"
+    distill = report["passes"][-1]
+    assert distill["stats"]["epochs"] == 10 and distill["stats"]["examples"] == 1348
+    assert distill["stats"]["loss_final"] < distill["stats"]["loss_first"]
+    assert report["distill_epochs"] is None
+    # the zoo's digits-mlp is untrained (~10%); the labelled half of the loss (alpha=0.5) teaches the student
+    assert report["accuracy_after"] > report["accuracy_before"] + 30
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--recipe", KD_RECIPE], "the recipe has a distill pass, which fine-tunes on labelled data: add --train digits"),
+    (["--pipeline", "distill"], "the pipeline has a distill pass"),
+    (["--pipeline", "dce", "--teacher", "digits-mlp"], "--teacher is the model to distill from"),
+    (["--pipeline", "dce", "--train", "digits", "--input-shape", "1,3,8,8"], "--train digits needs a model input"),
+    (["--pipeline", "dce", "--train", "digits", "--teacher", "no-such-model"], "unknown model 'no-such-model'"),
+])
+def test_run_distillation_usage_errors_exit_2(capsys, tmp_path, argv, message):
+    code, out, err = run(capsys, "run", "digits-mlp", *argv, "--out", str(tmp_path))
+    assert code == 2
+    assert err.startswith("slimfx: error:") and message in err, err
+
+
+def test_run_report_has_layer_rows_and_totals(capsys, digits_run):
+    code, out, err, folder = digits_run
+    assert code == 0, err
+    report = json.loads((folder / "report.json").read_text())
+    layers = {r["layer"]: r for r in report["layers"]}
+    assert set(layers) == {"fc1", "fc2"}  # digits-mlp after fold-bn: two linears, no other state
+    for r in layers.values():
+        assert r["kind"] == "linear" and r["weight_bits"] == 8 and r["act_bits"] == 8
+        assert r["kernel"].startswith("int8:")
+    assert layers["fc1"]["params"] == 64 * 64 + 64 and layers["fc1"]["params_before"] == 64 * 128 + 128
+    assert layers["fc1"]["sqnr_db"] is None and "channels were removed" in layers["fc1"]["sqnr_note"]
+    assert isinstance(layers["fc2"]["sqnr_db"], float)
+    totals = report["totals"]
+    assert totals["bytes_on_disk_after"] == (folder / "model.safetensors").stat().st_size
+    assert totals["macs_before"] == 4 * (64 * 128 + 128 * 10) and totals["macs_after"] == 4 * (64 * 64 + 64 * 10)
+    assert totals["latency_ms_before"] > 0 and totals["latency_ms_after"] > 0
+    assert f"MACs {totals['macs_before']:,} -> {totals['macs_after']:,}" in out
+    assert report["stages"][0]["accuracy"] == report["accuracy_before"]
+    assert report["stages"][-1]["accuracy"] == report["accuracy_after"]
+    code, text, err = run(capsys, "report", str(folder))
+    assert code == 0, err
+    assert "SQNR dB" in text and "bytes on disk" in text and "int8:" in text

@@ -109,6 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from slimfx.export.artifact import save
     from slimfx.frontend import report as rep
     from slimfx.frontend.api import compress
+    from slimfx.frontend.layer_report import layer_report
     from slimfx.frontend.model_ref import load_model
     from slimfx.passes.pipeline import Pipeline
 
@@ -132,17 +133,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SlimfxError("--min-accuracy is measured on the digits test split and needs a model input shaped "
                           "[N,1,8,8] or [N,64]; use --max-output-error for other models")
     calib = rep.calibration_batches(args.calib, inputs) if args.calib else None
+    if any(spec.name == "distill" for spec in pipeline) and not args.train:
+        raise SlimfxError(f"the {'recipe' if recipe else 'pipeline'} has a distill pass, which fine-tunes on "
+                          "labelled data: add --train digits (the teacher is the input model unless --teacher "
+                          "MODEL names another)")
+    if args.teacher and not args.train:
+        raise SlimfxError("--teacher is the model to distill from, which needs training data: add --train digits")
+    train = None
+    if args.train:
+        if rep.digits_layout(inputs) is None:
+            shapes = [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
+            raise SlimfxError(f"--train digits needs a model input shaped [N,1,8,8] or [N,64], got {shapes}")
+        from slimfx.datasets import load_digits
+
+        train, _ = load_digits(image=rep.digits_layout(inputs))
+    teacher = load_model(args.teacher)[0].eval() if args.teacher else None
     start = time.perf_counter()
-    compressed = compress(model, pipeline, inputs, calib_data=calib, frontend=args.frontend)
+    compressed = compress(model, pipeline, inputs, calib_data=calib, train_data=train, teacher=teacher,
+                          frontend=args.frontend)
     seconds = time.perf_counter() - start
     save(compressed, args.out)
     report = {"model": args.model, "recipe": recipe.as_dict() if recipe else None, "calib": args.calib,
+              "train": args.train, "teacher": args.teacher or (args.model if args.train else None),
               "artifact": args.out, "compress_seconds": seconds, **compressed.report}
     report["max_output_error"] = rep.max_output_error(model, compressed.module, inputs)
     report["accuracy_before"] = rep.digits_accuracy(model, inputs)
     report["accuracy_after"] = rep.digits_accuracy(compressed.module, inputs)
     report["stages"] = rep.stage_sizes(report, stages)
-    report["layers"] = rep.layer_sizes(model, compressed.module)
+    report.update(layer_report(model, compressed.program, inputs, artifact=args.out, frontend=args.frontend))
     checks = []
     if args.min_accuracy is not None:
         value = report["accuracy_after"]
@@ -162,6 +180,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"params {report['params_before']:,} -> {report['params_after']:,}; state bytes "
           f"{report['state_bytes_before']:,} -> {report['state_bytes_after']:,}; "
           f"max output error {report['max_output_error']:.3g}")
+    totals = report["totals"]
+    print(f"bytes on disk {totals['bytes_on_disk_before']:,} -> {totals['bytes_on_disk_after']:,}; MACs "
+          f"{totals['macs_before']:,} -> {totals['macs_after']:,}; CPU latency {totals['latency_ms_before']:.3f} -> "
+          f"{totals['latency_ms_after']:.3f} ms")
     if report["accuracy_after"] is not None:
         print(f"digits test accuracy {report['accuracy_before']:.2f}% -> {report['accuracy_after']:.2f}%")
     print(f"wrote {args.out} (artifact, {rep.REPORT})" + (f" and {args.report}" if args.report else ""))
@@ -211,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--pipeline", default=None, help="pipeline text, e.g. fold-bn,prune-channels{sparsity=0.5}")
     p.add_argument("--calib", choices=["digits", "random"], default=None,
                    help="calibration batches: the digits train split ([N,1,8,8] or [N,64] inputs) or randn")
+    p.add_argument("--train", choices=["digits"], default=None,
+                   help="labelled data for distillation: the digits train split; used by the distill passes of "
+                        "the pipeline, or (without one) to fine-tune for 3 epochs after it")
+    p.add_argument("--teacher", default=None,
+                   help="model to distill from (a MODEL reference); default with --train: the input model")
     p.add_argument("--out", required=True, help="folder for the artifact and report.json")
     p.add_argument("--report", default=None, help="also write the JSON report to this path")
     p.add_argument("--min-accuracy", type=float, default=None, help="fail (exit 1) below this digits accuracy (%%)")

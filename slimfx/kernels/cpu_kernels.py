@@ -20,12 +20,16 @@ them the weight is int8 ``w_q [N, K]`` with a per-output-channel fp32 scale ``w_
   ``lo = min(min(x), 0)``, ``hi = max(max(x), 0)``, ``s_x = (hi - lo) / 127``,
   ``z_x = clamp(round(-lo / s_x), 0, 127)`` (torch's ``ChooseQuantizationParams``),
   ``q_x = clamp(round(x * (1 / s_x)) + z_x, 0, 127)``.
-* ``static_per_tensor``: a calibrated ``s_x`` and ``z_x`` in [0, 255] (quint8, the torch.ao static
-  convention), ``q_x = clamp(round_half_even(x / s_x) + z_x, 0, 255)``.
+* ``static_per_tensor``: a calibrated ``s_x`` and ``z_x`` in ``[0, 2**bits - 1]`` (quint8, the torch.ao
+  static convention, for ``bits=8``), ``q_x = clamp(round_half_even(x / s_x) + z_x, 0, 2**bits - 1)``.
+  ``bits=7`` is torch.ao's ``reduce_range``: with codes <= 127 and weights in [-127, 127] the int16 pair
+  sums of ``vpmaddubsw`` cannot saturate, so fbgemm and oneDNN are exact on AVX2 CPUs without VNNI.
 
-Every candidate computes ``q_x`` the same way except fbgemm's own dynamic quantization (a vectorised
-multiply by ``1 / s_x`` whose ties may round differently); the tolerances in :data:`INT8_TOLERANCE`
-state how far a candidate may be from :func:`int8_linear_spec`.
+Every candidate computes ``q_x`` the same way (an fp32 division, like the fake-quant simulation), except
+fbgemm's own dynamic quantization (a vectorised multiply by ``1 / s_x`` whose ties may round
+differently); the static fbgemm path quantizes in torch and hands fbgemm the integer codes, so it is
+exact. The tolerances in :data:`INT8_TOLERANCE` state how far a candidate may be from
+:func:`int8_linear_spec`.
 """
 
 from __future__ import annotations
@@ -41,37 +45,60 @@ import torch.nn.functional as F
 from slimfx.errors import KernelError
 
 ACT_MODES = ("dynamic_per_token", "dynamic_per_tensor", "static_per_tensor")
+#: Activation modes of :class:`slimfx.kernels.Int8Conv2d`: ``weight_only`` keeps the activation in float.
+CONV_ACT_MODES = ("static_per_tensor", "weight_only")
 
 #: Allowed ``max|y - spec| / max(max|spec|, 1e-6)`` per mode. The exact-integer modes only differ from
 #: the spec by fp32 rounding of the epilogue / summation order; ``dynamic_per_tensor`` also allows
 #: fbgemm's rounding of activation ties (at most one 7-bit step on a few elements).
-INT8_TOLERANCE = {"dynamic_per_token": 1e-4, "dynamic_per_tensor": 2e-2, "static_per_tensor": 1e-4}
+INT8_TOLERANCE = {"dynamic_per_token": 1e-4, "dynamic_per_tensor": 2e-2, "static_per_tensor": 1e-4,
+                  "weight_only": 1e-4}
 #: Same measure for block-sparse linear, per weight dtype (summation order only).
 BSR_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 @dataclass(frozen=True)
 class ActQuant:
-    """How an :class:`Int8Linear` quantizes its input (see the module docstring for the numerics)."""
+    """How an int8 module quantizes its input (see the module docstring for the numerics).
+
+    ``bits`` is for ``static_per_tensor`` only: the activation codes are unsigned ``bits``-bit integers
+    ``[0, 2**bits - 1]`` (8: quint8; 7: torch.ao's reduce_range). ``weight_only`` (convs) keeps the input
+    in float.
+    """
 
     mode: str = "dynamic_per_token"
     scale: float | None = None
     zero_point: int | None = None
+    bits: int = 8
 
     def __post_init__(self) -> None:
-        if self.mode not in ACT_MODES:
-            raise KernelError(f"activation mode {self.mode!r} is not one of {ACT_MODES}")
+        if self.mode not in ACT_MODES + ("weight_only",):
+            raise KernelError(f"activation mode {self.mode!r} is not one of {ACT_MODES + ('weight_only',)}")
         if self.mode == "static_per_tensor":
+            if not 2 <= int(self.bits) <= 8:
+                raise KernelError(f"static_per_tensor activation codes have 2 to 8 bits, got bits={self.bits!r}")
             if self.scale is None or not (self.scale > 0 and math.isfinite(self.scale)):
                 raise KernelError(
                     f"static_per_tensor needs a finite act_scale > 0 from calibration, got {self.scale!r}"
                 )
-            if self.zero_point is None or not 0 <= int(self.zero_point) <= 255:
-                raise KernelError(
-                    f"static_per_tensor needs act_zero_point in [0, 255] (quint8), got {self.zero_point!r}"
-                )
-        elif self.scale is not None or self.zero_point is not None:
+            if self.zero_point is None or not 0 <= int(self.zero_point) <= self.code_max:
+                raise KernelError(f"static_per_tensor with {self.bits}-bit codes needs act_zero_point in "
+                                  f"[0, {self.code_max}], got {self.zero_point!r}")
+            return
+        if self.scale is not None or self.zero_point is not None:
             raise KernelError(f"{self.mode} computes its activation scale itself; pass act_scale=None")
+        if self.bits != 8:
+            raise KernelError(f"bits={self.bits} is for static_per_tensor; {self.mode} has a fixed format")
+
+    @property
+    def code_max(self) -> int:
+        """The largest unsigned activation code (255 for 8 bits, 127 for 7)."""
+        return 2 ** int(self.bits) - 1
+
+    @property
+    def label(self) -> str:
+        """The mode, with the code width when it is not 8 bits (``static_per_tensor_u7``)."""
+        return self.mode if self.bits == 8 else f"{self.mode}_u{self.bits}"
 
 
 @dataclass(frozen=True)
@@ -138,10 +165,22 @@ def quantize_activation(x2d: torch.Tensor, act: ActQuant) -> QuantizedActivation
         row_scale = torch.full((x.shape[0],), scale, dtype=torch.float32, device=x.device)
         return QuantizedActivation(values, offset=zp, zero_point=zp, row_scale=row_scale)
     scale, zp = float(act.scale), int(act.zero_point)
-    q = torch.clamp(torch.round(x / torch.tensor(scale, dtype=torch.float32)) + zp, 0, 255)
+    q = static_codes(x, act) + zp
     values = (q - 128).to(torch.int8)
     row_scale = torch.full((x.shape[0],), scale, dtype=torch.float32, device=x.device)
     return QuantizedActivation(values, offset=128, zero_point=zp, row_scale=row_scale)
+
+
+def static_codes(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
+    """``q_x - z_x`` of a ``static_per_tensor`` activation as an fp32 tensor of small integers.
+
+    ``clamp(round_half_even(x / s_x), -z_x, code_max - z_x)``: the fake-quant simulation's
+    ``clamp(round(x / s) + z, qmin, qmax) - z`` for any layout of ``x`` (an fp32 division, so bit for bit).
+    Three passes over ``x`` (division, rounding, clamp in place), a new tensor; ``x`` is not modified.
+    """
+    zp = int(act.zero_point)
+    scale = torch.tensor(float(act.scale), dtype=torch.float32, device=x.device)
+    return torch.div(x.float(), scale).round_().clamp_(-zp, act.code_max - zp)
 
 
 def int8_linear_spec(x2d: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
@@ -205,6 +244,9 @@ class _DenseInt8Run:
             xf = x2d.float()
             scale = (xf.abs().amax(dim=1, keepdim=True) / 127).clamp_min_(1e-8)
             x_hat = torch.div(xf, scale).round_().clamp_(-127, 127).mul_(scale)
+        elif self.act.mode == "static_per_tensor":
+            # the simulation's x_hat bit for bit: F.linear then computes exactly what the fake-quant program does
+            x_hat = static_codes(x2d, self.act).mul_(torch.tensor(self.act.scale, dtype=torch.float32))
         else:
             qa = quantize_activation(x2d, self.act)
             x_hat = (qa.values.float() + qa.shift) * qa.row_scale[:, None]
@@ -257,37 +299,66 @@ def _quantized_engine_for_prepack() -> str | None:
     return None
 
 
-class _FbgemmRun:
+def _fbgemm_prepack(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
+    """fbgemm's packed weight for ``w_q`` with per-output-channel ``w_scale`` (prepacked once per module)."""
+    engine = _quantized_engine_for_prepack()
+    previous = torch.backends.quantized.engine
+    zeros = torch.zeros(w_q.shape[0], dtype=torch.long)
+    try:
+        torch.backends.quantized.engine = engine
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensor creation is deprecated; prepack needs one
+            qweight = torch._make_per_channel_quantized_tensor(w_q, w_scale.double(), zeros, 0)
+            return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.float())
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+class _FbgemmDynamicRun:
     def __init__(self, w_q, w_scale, bias, act):
-        engine = _quantized_engine_for_prepack()
-        previous = torch.backends.quantized.engine
-        zeros = torch.zeros(w_q.shape[0], dtype=torch.long)
-        try:
-            torch.backends.quantized.engine = engine
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # quantized tensor creation is deprecated; prepack needs one
-                qweight = torch._make_per_channel_quantized_tensor(w_q, w_scale.double(), zeros, 0)
-                self.packed = torch.ops.quantized.linear_prepack(
-                    qweight, None if bias is None else bias.float())
-        finally:
-            torch.backends.quantized.engine = previous
+        self.packed = _fbgemm_prepack(w_q, w_scale, bias)
 
     def run(self, x2d: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(x2d.float(), self.packed, True)
 
 
-class FbgemmDynamic(_Int8Candidate):
-    """fbgemm prepacked dynamic quantized linear (torch.ao's engine): ``dynamic_per_tensor`` only."""
+class _FbgemmStaticRun:
+    """Static activations: the codes are computed here (:func:`static_codes`, the simulation's division)
+    and handed to fbgemm as floats with scale 1, which it converts to uint8 exactly; ``s_x`` is folded
+    into the packed per-channel weight scales. fbgemm then accumulates ``(q_x - z_x) * w_q`` in int32 and
+    applies an fp32 epilogue (``acc * (s_x * w_scale[n]) + bias[n]``)."""
+
+    def __init__(self, w_q, w_scale, bias, act):
+        self.act = act
+        self.packed = _fbgemm_prepack(w_q, w_scale.float() * act.scale, bias)
+
+    def run(self, x2d: torch.Tensor) -> torch.Tensor:
+        codes = static_codes(x2d, self.act)
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            codes, 1.0, int(self.act.zero_point), self.packed)
+
+
+class FbgemmInt8(_Int8Candidate):
+    """fbgemm prepacked int8 linear (torch.ao's engine): its own dynamic per-tensor quantization
+    (``dynamic_per_tensor``), or static per-tensor codes computed by slimfx (``static_per_tensor``). Its
+    AVX2 kernel (``vpmaddubsw``) saturates int16 pair sums for 8-bit codes; with 7-bit codes it is exact."""
 
     name = "fbgemm"
-    modes = ("dynamic_per_tensor",)
+    modes = ("dynamic_per_tensor", "static_per_tensor")
 
     def is_available(self) -> bool:
         return (_quantized_engine_for_prepack() is not None and hasattr(torch.ops.quantized, "linear_dynamic")
                 and hasattr(torch, "_make_per_channel_quantized_tensor"))
 
+    def supports(self, act: ActQuant) -> bool:
+        if act.mode == "static_per_tensor":
+            return hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
+        return act.mode in self.modes
+
     def prepare(self, w_q, w_scale, bias, act) -> PreparedKernel:
-        return _FbgemmRun(w_q, w_scale, bias, act)
+        if act.mode == "static_per_tensor":
+            return _FbgemmStaticRun(w_q, w_scale, bias, act)
+        return _FbgemmDynamicRun(w_q, w_scale, bias, act)
 
 
 class _OnednnRun:
@@ -371,7 +442,7 @@ class TritonInt8(_Int8Candidate):
 
 
 INT8_CANDIDATES: dict[str, _Int8Candidate] = {
-    c.name: c for c in (DenseInt8(), FbgemmDynamic(), OnednnQLinear(), IntMM(), TritonInt8())
+    c.name: c for c in (DenseInt8(), FbgemmInt8(), OnednnQLinear(), IntMM(), TritonInt8())
 }
 
 

@@ -1,15 +1,17 @@
 """Pick the fastest *correct* kernel for this machine and shape, measure once, remember on disk.
 
-CUDA tensors always go to the Triton kernels. On CPU every available candidate of
-:mod:`slimfx.kernels.cpu_kernels` is run on a probe input (random rows plus worst-case rows that make
-int8 instructions saturate if they can) and compared with the spec; a candidate outside the tolerance is
-never chosen and the reason is recorded. The correct ones are timed (a warm run, then up to a few runs
+CUDA tensors always go to the Triton kernels (int8 convs, which have none, to ``dense``: cuDNN on the
+dequantized weight). On CPU every available candidate of :mod:`slimfx.kernels.cpu_kernels` (linears) or
+:mod:`slimfx.kernels.conv_kernels` (convs) is run on a probe input (random values plus worst-case rows /
+images that make int8 instructions saturate if they can) and compared with the spec; a candidate outside
+the tolerance is never chosen and the reason is recorded. The correct ones are timed (a warm run, then up to a few runs
 within :data:`TIME_BUDGET_S`; the fastest run counts) and the fastest wins. The choice is cached in
 memory (once per process per shape bucket) and in a JSON file (``$SLIMFX_CACHE_DIR/kernels.json`` or
 ``~/.cache/slimfx/kernels.json``) keyed by machine (CPU model + torch CPU capability + torch version),
-kernel family and shape bucket (M rounded up to a power of two, N, K, dtype, mode / block and density).
+kernel family and shape bucket (M rounded up to a power of two, N, K, dtype, mode / block and density;
+for convs the input shape with the batch rounded up, the weight shape, the geometry, layout and mode).
 
-``SLIMFX_KERNEL=<name>`` (or ``int8:<name>,bsr:<name>``), or a module's ``kernel=`` option, forces a
+``SLIMFX_KERNEL=<name>`` (or ``int8:<name>,bsr:<name>,conv:<name>``), or a module's ``kernel=`` option, forces a
 candidate without measuring; ``triton`` on CPU tensors runs the Triton interpreter and needs
 ``TRITON_INTERPRET=1``.
 """
@@ -29,10 +31,11 @@ from pathlib import Path
 import torch
 
 from slimfx.errors import KernelError, did_you_mean
-from slimfx.kernels import cpu_kernels
+from slimfx.kernels import conv_kernels, cpu_kernels
+from slimfx.kernels.conv_kernels import ConvGeometry
 from slimfx.kernels.cpu_kernels import ActQuant
 
-FAMILIES = ("int8", "bsr")
+FAMILIES = ("int8", "bsr", "conv")
 TIME_BUDGET_S = 0.3
 MAX_TIMED_RUNS = 5
 CHECK_ROWS = 16
@@ -107,7 +110,17 @@ def _density_bucket(density: float) -> float:
 
 
 def int8_bucket(m: int, n: int, k: int, act: ActQuant, dtype: torch.dtype) -> str:
-    return f"M{_round_up_pow2(m)} N{n} K{k} {str(dtype).removeprefix('torch.')} {act.mode}"
+    return f"M{_round_up_pow2(m)} N{n} K{k} {str(dtype).removeprefix('torch.')} {act.label}"
+
+
+def conv_bucket(x_shape: tuple[int, ...], w_shape: tuple[int, ...], geometry: ConvGeometry, act: ActQuant,
+                dtype: torch.dtype, channels_last: bool) -> str:
+    n, c, h, w = x_shape
+    g = geometry
+    return (f"N{_round_up_pow2(n)} C{c} H{h} W{w} O{w_shape[0]} k{w_shape[2]}x{w_shape[3]} "
+            f"s{g.stride[0]}x{g.stride[1]} p{g.padding[0]}x{g.padding[1]} d{g.dilation[0]}x{g.dilation[1]} "
+            f"g{g.groups} {str(dtype).removeprefix('torch.')} {'channels_last' if channels_last else 'nchw'} "
+            f"{act.label}")
 
 
 def bsr_bucket(m: int, n: int, k: int, block: tuple[int, int], density: float, dtype: torch.dtype) -> str:
@@ -168,6 +181,8 @@ def _candidates(family: str) -> dict:
         return cpu_kernels.INT8_CANDIDATES
     if family == "bsr":
         return cpu_kernels.BSR_CANDIDATES
+    if family == "conv":
+        return conv_kernels.CONV_CANDIDATES
     raise KernelError(f"kernel family {family!r} is not one of {FAMILIES}")
 
 
@@ -199,7 +214,10 @@ def forced_kernel(family: str, kernel: str | None = None) -> str | None:
 
 
 def _check_forced_runnable(family: str, name: str, device: torch.device) -> None:
-    if device.type != "cpu" and name != "triton":
+    if family == "conv" and device.type != "cpu" and name == "onednn":
+        raise KernelError(f"conv kernel 'onednn' is a CPU kernel but the input is on {device}; "
+                          "use 'dense' or unset SLIMFX_KERNEL / kernel=")
+    if family != "conv" and device.type != "cpu" and name != "triton":
         raise KernelError(f"{family} kernel {name!r} is a CPU kernel but the input is on {device}; "
                           "CUDA tensors always use 'triton' (unset SLIMFX_KERNEL / kernel=)")
     if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -313,12 +331,21 @@ def _probe_int8_weights(n: int, k: int, seed: int = 0):
     return w_q, w_scale, bias
 
 
-def _probe_activation(rows: int, k: int, w_first_row: torch.Tensor | None, seed: int = 1) -> torch.Tensor:
+def _probe_range(act: ActQuant) -> tuple[float, float]:
+    """Inputs at ``hi`` / ``lo`` quantize to the largest / smallest code of ``act``."""
+    if act.mode == "static_per_tensor":
+        return (act.code_max - act.zero_point) * act.scale, -act.zero_point * act.scale
+    return 3.0, -3.0
+
+
+def _probe_activation(rows: int, k: int, w_first_row: torch.Tensor | None, seed: int = 1,
+                      act: ActQuant | None = None) -> torch.Tensor:
+    hi, lo = _probe_range(act or ActQuant())
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, k, generator=g)
+    x = torch.randn(rows, k, generator=g) * ((hi - lo) / 6) + (hi + lo) / 2
     if rows > 2 and w_first_row is not None:
-        x[0] = 3.0  # all codes at the top of the range
-        x[1] = torch.where(w_first_row >= 0, 3.0, -3.0)  # codes aligned with weight row 0: max |pair sum|
+        x[0] = hi  # all codes at the top of the range
+        x[1] = torch.where(w_first_row >= 0, hi, lo)  # codes aligned with weight row 0: max |pair sum|
     return x
 
 
@@ -328,12 +355,52 @@ def measure_int8(m: int, n: int, k: int, act: ActQuant | None = None,
     act = act or ActQuant()
     w_q, w_scale, bias = _probe_int8_weights(n, k)
     mm = _round_up_pow2(m)
-    x_full = _probe_activation(mm, k, None, seed=2).to(dtype)
-    x_check = _probe_activation(min(mm, CHECK_ROWS), k, w_q[0]).to(dtype)
+    x_full = _probe_activation(mm, k, None, seed=2, act=act).to(dtype)
+    x_check = _probe_activation(min(mm, CHECK_ROWS), k, w_q[0], act=act).to(dtype)
     ref = cpu_kernels.int8_linear_spec(x_check, w_q, w_scale, bias, act)
     names = [c for c in (candidates or _candidates("int8")) if _candidates("int8")[c].supports(act)]
     return _measure("int8", machine_id(), int8_bucket(m, n, k, act, dtype), mm,
                     lambda cand: cand.prepare(w_q, w_scale, bias, act), x_full, x_check, ref,
+                    cpu_kernels.INT8_TOLERANCE[act.mode], names)
+
+
+def _probe_conv(x_shape: tuple[int, ...], w_shape: tuple[int, ...], geometry: ConvGeometry, act: ActQuant,
+                channels_last: bool):
+    """Synthetic full-range weights (filter 0 all +127, filter 1 all -127: the largest int16 pair sums for
+    any channel pairing a kernel uses), a timing input and a check input whose first image sits at the top
+    code everywhere (spatially cropped: the fp64 spec of a large conv would take seconds)."""
+    g = torch.Generator().manual_seed(0)
+    w_q = torch.randint(-127, 128, w_shape, generator=g, dtype=torch.int8)
+    w_q[0] = 127
+    if w_shape[0] > 1:
+        w_q[1] = -127
+    w_scale = torch.rand(w_shape[0], generator=g) * 0.02 + 1e-3
+    bias = torch.randn(w_shape[0], generator=g)
+    hi, lo = _probe_range(act)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    n = _round_up_pow2(x_shape[0])
+    x_full = (torch.randn(n, *x_shape[1:], generator=g) * ((hi - lo) / 6) + (hi + lo) / 2)
+    crop_h, crop_w = (min(size, 8 * s + (k - 1) * d)
+                      for size, k, s, d in zip(x_shape[2:], w_shape[2:], geometry.stride, geometry.dilation))
+    x_check = x_full[: min(n, 2), :, :crop_h, :crop_w].clone()
+    if act.mode == "static_per_tensor":
+        x_check[0] = hi
+    return (w_q, w_scale, bias, x_full.contiguous(memory_format=layout),
+            x_check.contiguous(memory_format=layout))
+
+
+def measure_conv(x_shape: tuple[int, ...], w_shape: tuple[int, ...], geometry: ConvGeometry,
+                 act: ActQuant, dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                 candidates: Iterable[str] | None = None) -> Choice:
+    """Measure every int8 conv candidate for this input / weight shape on synthetic weights (uncached)."""
+    w_q, w_scale, bias, x_full, x_check = _probe_conv(tuple(x_shape), tuple(w_shape), geometry, act, channels_last)
+    x_full, x_check = x_full.to(dtype), x_check.to(dtype)
+    ref = conv_kernels.int8_conv2d_spec(x_check, w_q, w_scale, bias, geometry, act)
+    table = _candidates("conv")
+    names = [c for c in (candidates or table) if table[c].supports(act, geometry)]
+    return _measure("conv", machine_id(),
+                    conv_bucket(tuple(x_shape), tuple(w_shape), geometry, act, dtype, channels_last), 0,
+                    lambda cand: cand.prepare(w_q, w_scale, bias, geometry, act), x_full, x_check, ref,
                     cpu_kernels.INT8_TOLERANCE[act.mode], names)
 
 
@@ -402,6 +469,29 @@ def select_bsr_kernel(m: int, n: int, k: int, block: tuple[int, int], density: f
                               lambda _machine: measure_bsr(m, n, k, block, density, dtype)).choice
 
 
+def select_conv_kernel(x_shape: tuple[int, ...], w_shape: tuple[int, ...], geometry: ConvGeometry,
+                       act: ActQuant, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                       channels_last: bool = False, kernel: str | None = None) -> str:
+    """The int8 conv candidate to run for a 4-D input of ``x_shape`` and an int8 weight of ``w_shape``.
+
+    CUDA → ``dense`` (cuDNN on the dequantized weight; there is no Triton conv); a forced kernel as is;
+    else the cached or freshly measured fastest correct CPU candidate.
+    """
+    device = torch.device(device)
+    forced = forced_kernel("conv", kernel)
+    if forced is not None:
+        _check_forced_runnable("conv", forced, device)
+        if not _candidates("conv")[forced].supports(act, geometry):
+            raise KernelError(f"conv kernel {forced!r} does not implement activation mode {act.mode!r}; "
+                              f"it supports {_candidates('conv')[forced].modes}")
+        return forced
+    if device.type != "cpu":
+        return "dense"
+    bucket = conv_bucket(tuple(x_shape), tuple(w_shape), geometry, act, dtype, channels_last)
+    return _lookup_or_measure("conv", bucket, lambda _machine: measure_conv(
+        x_shape, w_shape, geometry, act, dtype, channels_last)).choice
+
+
 # ------------------------------------------------------------------ the `slimfx kernels` table
 
 
@@ -431,6 +521,10 @@ def format_choice_table(rows: list[dict]) -> str:
 
 
 DEFAULT_INT8_SHAPES = ((64, 1024, 1024), (256, 1024, 4096), (1024, 4096, 4096))
+#: 7-bit static activations (torch.ao's reduce_range): the format int8 instructions compute exactly on AVX2.
+PROBE_STATIC_U7 = ActQuant("static_per_tensor", 0.05, 64, bits=7)
+#: (input NCHW, weight OIHW, geometry) of the int8 conv rows of the `slimfx kernels` table.
+DEFAULT_CONV_SHAPES = (((8, 64, 28, 28), (64, 64, 3, 3), ConvGeometry.of(padding=1)),)
 DEFAULT_BSR_SHAPES = ((256, 1024, 1024, (32, 32), 0.5), (256, 1024, 1024, (32, 32), 0.25),
                       (256, 1024, 1024, (32, 32), 0.1), (256, 4096, 4096, (64, 64), 0.1))
 
@@ -447,12 +541,16 @@ def machine_summary() -> str:
 def main_table(shapes: Iterable[tuple[int, int, int]] | None = None) -> str:
     """Select (measuring where not cached) the kernels for default shapes; return the table as text.
 
-    ``shapes`` are int8 ``(M, K, N)`` triples; block-sparse rows use :data:`DEFAULT_BSR_SHAPES`.
+    ``shapes`` are int8 ``(M, K, N)`` triples (each in dynamic per-token, dynamic per-tensor and 7-bit static
+    modes); without them block-sparse and conv rows are added (:data:`DEFAULT_BSR_SHAPES`,
+    :data:`DEFAULT_CONV_SHAPES`).
     """
     for m, k, n in shapes or DEFAULT_INT8_SHAPES:
-        for mode in ("dynamic_per_token", "dynamic_per_tensor"):
-            select_int8_kernel(m, n, k, ActQuant(mode))
+        for act in (ActQuant("dynamic_per_token"), ActQuant("dynamic_per_tensor"), PROBE_STATIC_U7):
+            select_int8_kernel(m, n, k, act)
     if shapes is None:
         for m, k, n, block, density in DEFAULT_BSR_SHAPES:
             select_bsr_kernel(m, n, k, block, density)
+        for x_shape, w_shape, geometry in DEFAULT_CONV_SHAPES:
+            select_conv_kernel(x_shape, w_shape, geometry, PROBE_STATIC_U7)
     return f"{machine_summary()}\ncache: {cache_path()}\n\n{format_choice_table(choice_table())}"

@@ -1,10 +1,10 @@
-"""The nn.Modules a compressed model runs on: :class:`Int8Linear` and :class:`BlockSparseLinear`.
+"""The nn.Modules a compressed model runs on: :class:`Int8Linear`, :class:`Int8Conv2d`, :class:`BlockSparseLinear`.
 
-Both are inference modules whose state is plain tensors (buffers), so a state_dict saves with
+All are inference modules whose state is plain tensors (buffers), so a state_dict saves with
 safetensors and loads without pickled objects. ``forward`` asks :mod:`slimfx.kernels.dispatch` which
 kernel to run (Triton on CUDA; the fastest correct CPU candidate for this machine and shape, measured
 once and cached; or the one forced by ``kernel=`` / ``$SLIMFX_KERNEL``) and prepacks the weight for it
-once. Under ``torch.fx`` tracing both modules record themselves as a single ``call_module`` node (a leaf)
+once. Under ``torch.fx`` tracing the modules record themselves as a single ``call_module`` node (a leaf)
 with any tracer; under FakeTensor / meta propagation they only compute the output shape.
 """
 
@@ -15,9 +15,10 @@ import torch.nn as nn
 from torch import fx
 
 from slimfx.errors import KernelError
-from slimfx.kernels import cpu_kernels, dispatch
+from slimfx.kernels import conv_kernels, cpu_kernels, dispatch
 from slimfx.kernels.bsr import BSRWeight, dense_to_bsr
-from slimfx.kernels.cpu_kernels import ACT_MODES, ActQuant
+from slimfx.kernels.conv_kernels import ConvGeometry
+from slimfx.kernels.cpu_kernels import ACT_MODES, CONV_ACT_MODES, ActQuant
 
 
 def _is_shape_only(x: torch.Tensor) -> bool:
@@ -71,14 +72,16 @@ class Int8Linear(_KernelModule):
 
     State (all buffers): ``weight_int8`` int8 [N, K], ``weight_scale`` fp32 [N] (per output channel,
     symmetric), ``bias`` fp32 [N] or None, and for ``static_per_tensor`` ``act_scale`` (fp32 scalar) and
-    ``act_zero_point`` (int32 scalar, quint8 in [0, 255]). The activation is quantized per ``mode``:
+    ``act_zero_point`` (int32 scalar in [0, 2**act_bits - 1]). The activation is quantized per ``mode``:
 
     * ``"dynamic_per_token"`` (default): symmetric int8 per row, the GPU kernel's numerics; reference
       ``reference.w8a8_linear_ref``. Every kernel is within 1e-4 x max|reference| of it.
     * ``"dynamic_per_tensor"``: torch.ao dynamic quantization (per-tensor asymmetric, 7-bit ``reduce_range``
       activations), what fbgemm runs natively; within 2e-2 x max|spec| of
       :func:`cpu_kernels.int8_linear_spec` (fbgemm rounds activation ties its own way).
-    * ``"static_per_tensor"``: the calibrated ``act_scale`` / ``act_zero_point``; within 1e-4 x max|spec|.
+    * ``"static_per_tensor"``: the calibrated ``act_scale`` / ``act_zero_point``, ``act_bits``-bit unsigned
+      codes (8: quint8; 7: torch.ao's reduce_range, which fbgemm / oneDNN compute exactly on AVX2 CPUs);
+      within 1e-4 x max|spec|, and for the ``dense`` kernel bit for bit the fake-quant simulation.
 
     The output has the input's dtype; the arithmetic is int8 x int8 with an exact int32 accumulator (or
     fp32 emulating it exactly for the dense kernel) and an fp32 epilogue.
@@ -86,7 +89,8 @@ class Int8Linear(_KernelModule):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  mode: str = "dynamic_per_token", act_scale: float | torch.Tensor | None = None,
-                 act_zero_point: int | torch.Tensor | None = None, kernel: str | None = None) -> None:
+                 act_zero_point: int | torch.Tensor | None = None, kernel: str | None = None,
+                 act_bits: int = 8) -> None:
         super().__init__(kernel)
         if mode not in ACT_MODES:
             raise KernelError(f"Int8Linear: mode {mode!r} is not one of {ACT_MODES}")
@@ -94,43 +98,29 @@ class Int8Linear(_KernelModule):
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
-        if mode == "static_per_tensor":
-            if act_scale is None:
-                raise KernelError("Int8Linear(mode='static_per_tensor') needs act_scale from calibration "
-                                  "(and act_zero_point in [0, 255], default 128)")
-            zp = 128 if act_zero_point is None else act_zero_point
-            self.register_buffer("act_scale", torch.as_tensor(act_scale, dtype=torch.float32).reshape(()))
-            self.register_buffer("act_zero_point", torch.as_tensor(zp, dtype=torch.int32).reshape(()))
-            self.act_quant()  # validate now, not at the first forward
-        elif act_scale is not None or act_zero_point is not None:
-            raise KernelError(f"Int8Linear(mode={mode!r}) computes activation scales itself; "
-                              "act_scale/act_zero_point are for mode='static_per_tensor'")
+        self.act_bits = _register_act_qparams(self, "Int8Linear", mode, act_scale, act_zero_point, act_bits)
         if kernel is not None:
             dispatch.forced_kernel("int8", kernel)  # unknown names fail at construction
 
     @classmethod
     def from_float(cls, linear: nn.Linear, mode: str = "dynamic_per_token",
                    act_scale: float | torch.Tensor | None = None, act_zero_point: int | None = None,
-                   kernel: str | None = None) -> Int8Linear:
+                   kernel: str | None = None, act_bits: int = 8) -> Int8Linear:
         """Quantize ``linear``'s weight per output channel, symmetric: ``scale = max(absmax/127, 1e-8)``,
         ``q = clamp(round_half_even(w / scale), -127, 127)``; the bias is kept in fp32."""
         if not isinstance(linear, nn.Linear):
             raise KernelError(f"Int8Linear.from_float expects an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach().float()
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, mode,
-                     act_scale, act_zero_point, kernel).to(w.device)
-        scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-8)
-        module.weight_int8.copy_(torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
-        module.weight_scale.copy_(scale)
+                     act_scale, act_zero_point, kernel, act_bits).to(w.device)
+        module.weight_int8.copy_(_quantize_per_channel(w, module.weight_scale))
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach().float())
         return module
 
     def act_quant(self) -> ActQuant:
         """The activation quantization this module applies (reads the static buffers when present)."""
-        if self.mode == "static_per_tensor":
-            return ActQuant(self.mode, float(self.act_scale), int(self.act_zero_point))
-        return ActQuant(self.mode)
+        return _act_quant(self)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The fp32 weight the int8 weight stands for."""
@@ -156,7 +146,145 @@ class Int8Linear(_KernelModule):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, mode={self.mode}, {self._kernel_repr()}")
+                f"bias={self.bias is not None}, mode={_mode_repr(self)}, {self._kernel_repr()}")
+
+
+def _register_act_qparams(module: nn.Module, owner: str, mode: str, act_scale, act_zero_point,
+                          act_bits: int) -> int:
+    """Register ``act_scale`` / ``act_zero_point`` buffers for ``static_per_tensor`` (validated now, not at
+    the first forward); refuse them for the other modes. Returns the activation code width."""
+    if mode == "static_per_tensor":
+        if act_scale is None:
+            raise KernelError(f"{owner}(mode='static_per_tensor') needs act_scale from calibration (and "
+                              f"act_zero_point in [0, 2**act_bits - 1], default 2**(act_bits - 1))")
+        zp = 2 ** (int(act_bits) - 1) if act_zero_point is None else act_zero_point
+        module.register_buffer("act_scale", torch.as_tensor(act_scale, dtype=torch.float32).reshape(()))
+        module.register_buffer("act_zero_point", torch.as_tensor(zp, dtype=torch.int32).reshape(()))
+        ActQuant(mode, float(module.act_scale), int(module.act_zero_point), int(act_bits))
+        return int(act_bits)
+    if act_scale is not None or act_zero_point is not None:
+        raise KernelError(f"{owner}(mode={mode!r}) has no static activation qparams; "
+                          "act_scale/act_zero_point are for mode='static_per_tensor'")
+    if act_bits != 8:
+        raise KernelError(f"{owner}(mode={mode!r}): act_bits is for mode='static_per_tensor'")
+    return 8
+
+
+def _act_quant(module: nn.Module) -> ActQuant:
+    if module.mode == "static_per_tensor":
+        return ActQuant(module.mode, float(module.act_scale), int(module.act_zero_point), module.act_bits)
+    return ActQuant(module.mode)
+
+
+def _mode_repr(module: nn.Module) -> str:
+    return module.mode if module.mode != "static_per_tensor" else f"{module.mode}, act_bits={module.act_bits}"
+
+
+def _quantize_per_channel(w: torch.Tensor, scale_out: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-output-channel int8 of ``w`` (axis 0); writes the scales into ``scale_out``."""
+    rows = w.reshape(w.shape[0], -1)
+    scale = (rows.abs().amax(dim=1) / 127).clamp_min(1e-8)
+    scale_out.copy_(scale)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    return torch.round(w / scale.reshape(shape)).clamp_(-127, 127).to(torch.int8)
+
+
+class Int8Conv2d(_KernelModule):
+    """``y = conv2d(x_hat, dequant(W)) + b`` with an int8 weight, like ``nn.Conv2d`` (zero padding).
+
+    State (all buffers): ``weight_int8`` int8 [O, C/groups, kh, kw], ``weight_scale`` fp32 [O] (per output
+    channel, symmetric), ``bias`` fp32 [O] or None, and for ``static_per_tensor`` ``act_scale`` (fp32
+    scalar) and ``act_zero_point`` (int32 scalar in [0, 2**act_bits - 1]). ``mode``:
+
+    * ``"static_per_tensor"``: ``x_hat = (clamp(round_half_even(x / s) + z, 0, 2**act_bits - 1) - z) * s``,
+      the fake-quant simulation's; ``act_bits=7`` (torch.ao's reduce_range) lets oneDNN's int8 convolution
+      run exactly on AVX2 CPUs;
+    * ``"weight_only"``: ``x_hat = x`` (float activations).
+
+    Every kernel is within 1e-4 x max|spec| of :func:`conv_kernels.int8_conv2d_spec`; ``dense`` computes
+    the simulation's fp32 ``F.conv2d`` bit for bit. The output has the input's dtype and memory format.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True,
+                 mode: str = "static_per_tensor", act_scale: float | torch.Tensor | None = None,
+                 act_zero_point: int | torch.Tensor | None = None, act_bits: int = 8,
+                 kernel: str | None = None) -> None:
+        super().__init__(kernel)
+        if mode not in CONV_ACT_MODES:
+            raise KernelError(f"Int8Conv2d: mode {mode!r} is not one of {CONV_ACT_MODES}")
+        self.geometry = ConvGeometry.of(stride, padding, dilation, groups)
+        kh, kw = conv_kernels._pair(kernel_size, "kernel_size")
+        if in_channels % self.geometry.groups or out_channels % self.geometry.groups:
+            raise KernelError(f"Int8Conv2d: in_channels={in_channels} and out_channels={out_channels} must be "
+                              f"divisible by groups={self.geometry.groups}")
+        self.in_channels, self.out_channels, self.kernel_size = int(in_channels), int(out_channels), (kh, kw)
+        self.mode = mode
+        self.register_buffer("weight_int8", torch.zeros(out_channels, in_channels // self.geometry.groups, kh, kw,
+                                                        dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_channels, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_channels, dtype=torch.float32) if bias else None)
+        self.act_bits = _register_act_qparams(self, "Int8Conv2d", mode, act_scale, act_zero_point, act_bits)
+        if kernel is not None:
+            dispatch.forced_kernel("conv", kernel)  # unknown names fail at construction
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, mode: str = "static_per_tensor",
+                   act_scale: float | torch.Tensor | None = None, act_zero_point: int | None = None,
+                   act_bits: int = 8, kernel: str | None = None) -> Int8Conv2d:
+        """Quantize ``conv``'s weight per output channel, symmetric (as :meth:`Int8Linear.from_float`)."""
+        if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise KernelError(f"Int8Conv2d.from_float expects an nn.Conv2d with numeric zero padding, got {conv!r}")
+        w = conv.weight.detach().float()
+        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     conv.dilation, conv.groups, conv.bias is not None, mode, act_scale, act_zero_point,
+                     act_bits, kernel).to(w.device)
+        module.weight_int8.copy_(_quantize_per_channel(w, module.weight_scale))
+        if conv.bias is not None:
+            module.bias.copy_(conv.bias.detach().float())
+        return module
+
+    def act_quant(self) -> ActQuant:
+        """The activation quantization this module applies (reads the static buffers when present)."""
+        return _act_quant(self)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The fp32 weight the int8 weight stands for."""
+        return conv_kernels.dequantized_conv_weight(self.weight_int8, self.weight_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, fx.Proxy):
+            return _record_leaf_call(self, x)
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise KernelError(f"Int8Conv2d: input must be [N, C, H, W] or [C, H, W] with C=in_channels="
+                              f"{self.in_channels}, got shape {tuple(x.shape)}")
+        batched = x.dim() == 4
+        x4d = x if batched else x.unsqueeze(0)
+        (n, _, h, w), (kh, kw) = x4d.shape, self.kernel_size
+        oh, ow = self.geometry.output_size(h, w, kh, kw)
+        if oh < 1 or ow < 1:
+            raise KernelError(f"Int8Conv2d: input {tuple(x.shape)} is smaller than the (dilated) kernel "
+                              f"{self.kernel_size} with padding {self.geometry.padding}")
+        if _is_shape_only(x):
+            out = x4d.new_empty(n, self.out_channels, oh, ow)
+            return out if batched else out.squeeze(0)
+        act = self.act_quant()
+        channels_last = conv_kernels.memory_format_of(x4d) == torch.channels_last
+        name = dispatch.select_conv_kernel(tuple(x4d.shape), tuple(self.weight_int8.shape), self.geometry, act,
+                                           device=x.device, dtype=x.dtype, channels_last=channels_last,
+                                           kernel=self.kernel)
+        token = _version_token(self.weight_int8, self.weight_scale, self.bias) + (act,)
+        prepared = self._prepared_for(name, token, lambda: conv_kernels.CONV_CANDIDATES[name].prepare(
+            self.weight_int8, self.weight_scale, self.bias, self.geometry, act))
+        out = prepared.run(x4d).to(x.dtype)
+        return out if batched else out.squeeze(0)
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={g.stride}, "
+                f"padding={g.padding}, dilation={g.dilation}, groups={g.groups}, bias={self.bias is not None}, "
+                f"mode={_mode_repr(self)}, {self._kernel_repr()}")
 
 
 class BlockSparseLinear(_KernelModule):
@@ -249,4 +377,4 @@ class BlockSparseLinear(_KernelModule):
 
 
 #: The kernel-backed modules (fx leaves; lowering passes produce them).
-KERNEL_MODULES = (Int8Linear, BlockSparseLinear)
+KERNEL_MODULES = (Int8Linear, Int8Conv2d, BlockSparseLinear)

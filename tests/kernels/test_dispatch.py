@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slimfx.errors import KernelError
-from slimfx.kernels import bsr, cpu_kernels, dispatch, reference
+from slimfx.kernels import bsr, conv_kernels, cpu_kernels, dispatch, reference
+from slimfx.kernels.conv_kernels import ConvGeometry
 from slimfx.kernels.cpu_kernels import INT8_TOLERANCE, ActQuant
 
 
@@ -25,7 +26,12 @@ def private_cache(tmp_path, monkeypatch):
 
 
 def _act(mode: str) -> ActQuant:
+    if mode == "static_per_tensor_u7":
+        return ActQuant("static_per_tensor", 0.08, 57, bits=7)
     return ActQuant(mode, 0.04, 120) if mode == "static_per_tensor" else ActQuant(mode)
+
+
+ACT_LABELS = cpu_kernels.ACT_MODES + ("static_per_tensor_u7",)
 
 
 def _int8_problem(m: int, n: int, k: int, seed: int):
@@ -37,14 +43,16 @@ def _int8_problem(m: int, n: int, k: int, seed: int):
     return x, w_q, w_scale, bias
 
 
-# Candidates whose numerics hold on every CPU; oneDNN's 8-bit modes may saturate without VNNI.
-EXACT_EVERYWHERE = {(name, mode) for name in ("dense", "int_mm") for mode in cpu_kernels.ACT_MODES} | {
-    ("fbgemm", "dynamic_per_tensor"), ("onednn", "dynamic_per_tensor")}
+# Candidates whose numerics hold on every CPU; fbgemm's / oneDNN's 8-bit codes may saturate without VNNI,
+# their 7-bit codes never do.
+EXACT_EVERYWHERE = {(name, label) for name in ("dense", "int_mm") for label in ACT_LABELS} | {
+    ("fbgemm", "dynamic_per_tensor"), ("onednn", "dynamic_per_tensor"),
+    ("fbgemm", "static_per_tensor_u7"), ("onednn", "static_per_tensor_u7")}
 
 
 @settings(max_examples=20)
 @given(m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(1, 80),
-       mode=st.sampled_from(cpu_kernels.ACT_MODES), with_bias=st.booleans(), seed=st.integers(0, 2**16))
+       mode=st.sampled_from(ACT_LABELS), with_bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_int8_candidates_match_spec(m, n, k, mode, with_bias, seed):
     x, w_q, w_scale, bias = _int8_problem(m, n, k, seed)
     bias = bias if with_bias else None
@@ -56,7 +64,7 @@ def test_int8_candidates_match_spec(m, n, k, mode, with_bias, seed):
         out = cand.prepare(w_q, w_scale, bias, act).run(x)
         err = cpu_kernels.relative_error(out, ref)
         if (name, mode) in EXACT_EVERYWHERE:
-            assert err <= INT8_TOLERANCE[mode], (name, mode, err)
+            assert err <= INT8_TOLERANCE[act.mode], (name, mode, err)
 
 
 def test_saturating_candidate_is_rejected_not_chosen():
@@ -74,6 +82,94 @@ def test_saturating_candidate_is_rejected_not_chosen():
             assert "wrong numbers" in choice.rejected["onednn"]
             assert choice.choice != "onednn"
     assert choice.choice in choice.times_ms
+
+
+def test_static_probe_reaches_the_top_code_and_7bit_codes_keep_fbgemm():
+    """The probe for static activations must hit the largest code whatever the calibrated scale (else a
+    saturating kernel would pass it); with 7-bit codes fbgemm / oneDNN are exact and stay candidates."""
+    for act in (ActQuant("static_per_tensor", 0.004, 200), ActQuant("static_per_tensor", 0.3, 3, bits=7)):
+        x = dispatch._probe_activation(8, 16, torch.ones(16), act=act)
+        codes = cpu_kernels.quantize_activation(x, act)
+        assert int((codes.values[0].int() + codes.offset).min()) == act.code_max
+    act7 = ActQuant("static_per_tensor", 0.02, 30, bits=7)
+    choice = dispatch.measure_int8(64, 64, 256, act7)
+    for name in ("fbgemm", "onednn"):
+        if cpu_kernels.INT8_CANDIDATES[name].is_available():
+            assert "wrong numbers" not in choice.rejected.get(name, ""), choice.rejected
+    act8 = ActQuant("static_per_tensor", 0.02, 30)
+    choice8 = dispatch.measure_int8(64, 64, 256, act8)
+    w_q, w_scale, bias = dispatch._probe_int8_weights(64, 256)
+    x = dispatch._probe_activation(16, 256, w_q[0], act=act8)
+    ref = cpu_kernels.int8_linear_spec(x, w_q, w_scale, bias, act8)
+    fbgemm = cpu_kernels.INT8_CANDIDATES["fbgemm"]
+    if fbgemm.is_available() and fbgemm.supports(act8):
+        err = cpu_kernels.relative_error(fbgemm.prepare(w_q, w_scale, bias, act8).run(x), ref)
+        wrong = "wrong numbers" in choice8.rejected.get("fbgemm", "")
+        assert wrong == (err > INT8_TOLERANCE["static_per_tensor"]), err
+    assert "M64 N64 K256 float32 static_per_tensor_u7" in dispatch.int8_bucket(50, 64, 256, act7, torch.float32)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 6), o=st.integers(1, 6), size=st.integers(3, 8),
+       kernel=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]), padding=st.sampled_from([0, 1]),
+       depthwise=st.booleans(), act_kind=st.sampled_from(["u7", "u8", "weight_only"]), with_bias=st.booleans(),
+       channels_last=st.booleans(), seed=st.integers(0, 2**16))
+def test_conv_candidates_match_spec(n, c, o, size, kernel, stride, padding, depthwise, act_kind, with_bias,
+                                    channels_last, seed):
+    groups = c if depthwise else 1
+    o = o * c if depthwise else o
+    act = {"u7": ActQuant("static_per_tensor", 0.05, 70, bits=7), "u8": ActQuant("static_per_tensor", 0.03, 128),
+           "weight_only": ActQuant("weight_only")}[act_kind]
+    g = torch.Generator().manual_seed(seed)
+    w_q = torch.randint(-127, 128, (o, c // groups, kernel, kernel), generator=g, dtype=torch.int8)
+    w_scale = torch.rand(o, generator=g) * 0.05 + 1e-3
+    bias = torch.randn(o, generator=g) if with_bias else None
+    x = torch.randn(n, c, size, size, generator=g) * 2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    geometry = ConvGeometry.of(stride, padding, 1, groups)
+    ref = conv_kernels.int8_conv2d_spec(x, w_q, w_scale, bias, geometry, act)
+    for name, cand in conv_kernels.CONV_CANDIDATES.items():
+        if not cand.is_available() or not cand.supports(act, geometry):
+            continue
+        out = cand.prepare(w_q, w_scale, bias, geometry, act).run(x)
+        assert conv_kernels.memory_format_of(out) == conv_kernels.memory_format_of(x) or out.shape[1] == 1
+        if not (name == "onednn" and act_kind == "u8"):
+            assert cpu_kernels.relative_error(out, ref) <= INT8_TOLERANCE[act.mode], (name, act_kind)
+
+
+def test_conv_dispatch_rejects_saturating_kernels_caches_and_forces(monkeypatch):
+    x_shape, w_shape, geometry = (2, 32, 6, 6), (8, 32, 3, 3), ConvGeometry.of(padding=1)
+    act7, act8 = ActQuant("static_per_tensor", 0.05, 10, bits=7), ActQuant("static_per_tensor", 0.05, 10)
+    onednn = conv_kernels.CONV_CANDIDATES["onednn"]
+    for act in (act7, act8):
+        choice = dispatch.measure_conv(x_shape, w_shape, geometry, act)
+        assert choice.choice in choice.times_ms and choice.family == "conv"
+        if not onednn.is_available():
+            continue
+        w_q, w_scale, bias, _, x_check = dispatch._probe_conv(x_shape, w_shape, geometry, act, False)
+        err = cpu_kernels.relative_error(onednn.prepare(w_q, w_scale, bias, geometry, act).run(x_check),
+                                         conv_kernels.int8_conv2d_spec(x_check, w_q, w_scale, bias, geometry, act))
+        wrong = "wrong numbers" in choice.rejected.get("onednn", "")
+        assert wrong == (err > INT8_TOLERANCE[act.mode]), (act, err)
+        if act is act7:
+            assert err <= INT8_TOLERANCE[act.mode]  # 7-bit codes never saturate
+    first = dispatch.select_conv_kernel(x_shape, w_shape, geometry, act7)
+    key = next(k for k in json.loads(dispatch.cache_path().read_text())["entries"] if k.startswith("conv"))
+    assert "N2 C32 H6 W6 O8 k3x3 s1x1 p1x1 d1x1 g1 float32 nchw static_per_tensor_u7" in key
+    dispatch.clear_memory_cache()
+    monkeypatch.setattr(dispatch, "measure_conv", lambda *a, **k: (_ for _ in ()).throw(AssertionError("cached")))
+    assert dispatch.select_conv_kernel((2, 32, 6, 6), w_shape, geometry, act7) == first
+    monkeypatch.setenv("SLIMFX_KERNEL", "conv:dense_channels_last")
+    assert dispatch.select_conv_kernel(x_shape, w_shape, geometry, act8) == "dense_channels_last"
+    assert dispatch.select_conv_kernel(x_shape, w_shape, geometry, act8, device="cuda") == "dense_channels_last"
+    monkeypatch.setenv("SLIMFX_KERNEL", "conv:onednn")
+    with pytest.raises(KernelError, match="does not implement activation mode 'weight_only'"):
+        dispatch.select_conv_kernel(x_shape, w_shape, geometry, ActQuant("weight_only"))
+    with pytest.raises(KernelError, match="'onednn' is a CPU kernel"):
+        dispatch.select_conv_kernel(x_shape, w_shape, geometry, act7, device="cuda")
+    monkeypatch.delenv("SLIMFX_KERNEL")
+    assert dispatch.select_conv_kernel(x_shape, w_shape, geometry, act7, device="cuda") == "dense"
 
 
 @settings(max_examples=15)

@@ -1,4 +1,4 @@
-"""Int8Linear and BlockSparseLinear: numerics vs the references, state_dict round-trips, fx, forcing."""
+"""Int8Linear, Int8Conv2d and BlockSparseLinear: numerics vs the references, state_dict round-trips, fx, forcing."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from torch import fx
 
 from slimfx.errors import KernelError
-from slimfx.kernels import BlockSparseLinear, Int8Linear, cpu_kernels, dispatch, reference
+from slimfx.kernels import BlockSparseLinear, Int8Conv2d, Int8Linear, conv_kernels, cpu_kernels, dispatch, reference
 
 CPU_INT8 = ["auto", "dense", "int_mm"]
+CPU_CONV = ["auto", "dense", "dense_channels_last", "onednn"]
 
 
 @pytest.fixture(autouse=True)
@@ -55,25 +56,24 @@ def test_int8_linear_per_token_matches_w8a8_reference(lead, k, n, bias, kernel, 
     assert cpu_kernels.relative_error(y, ref) <= cpu_kernels.INT8_TOLERANCE["dynamic_per_token"]
 
 
-# fbgemm's dynamic linear only implements dynamic_per_tensor, so it has no static_per_tensor case
-@pytest.mark.parametrize(("mode", "kernel"), [
-    (mode, kernel)
-    for mode in ("dynamic_per_tensor", "static_per_tensor")
+@pytest.mark.parametrize(("mode", "kernel", "bits"), [
+    (mode, kernel, bits)
+    for mode, bits in (("dynamic_per_tensor", 8), ("static_per_tensor", 8), ("static_per_tensor", 7))
     for kernel in CPU_INT8 + ["fbgemm", "onednn"]
-    if kernel != "fbgemm" or mode == "dynamic_per_tensor"
 ])
-def test_int8_linear_per_tensor_modes_match_spec(mode, kernel):
+def test_int8_linear_per_tensor_modes_match_spec(mode, kernel, bits):
     torch.manual_seed(0)
     linear = nn.Linear(40, 24)
-    static = {"act_scale": 0.03, "act_zero_point": 131} if mode == "static_per_tensor" else {}
+    static = {"act_scale": 0.03 * 2 ** (8 - bits), "act_zero_point": 2 ** (bits - 1) + 3, "act_bits": bits} \
+        if mode == "static_per_tensor" else {}
     module = Int8Linear.from_float(linear, mode=mode, kernel=_kernel(kernel), **static)
     x = torch.randn(3, 7, 40)
     y = module(x)
     spec = cpu_kernels.int8_linear_spec(x.reshape(-1, 40), module.weight_int8, module.weight_scale,
                                         module.bias, module.act_quant()).reshape(3, 7, 24)
     err = cpu_kernels.relative_error(y, spec)
-    if kernel == "onednn" and mode == "static_per_tensor":
-        return  # 8-bit activations: exact only with VNNI; the dispatcher's probe decides (test_dispatch)
+    if kernel in ("fbgemm", "onednn") and mode == "static_per_tensor" and bits == 8:
+        return  # 8-bit codes: exact only with VNNI; the dispatcher's probe decides (test_dispatch)
     assert err <= cpu_kernels.INT8_TOLERANCE[mode], err
     # the quantized layer stays close to the float one it came from
     assert cpu_kernels.relative_error(y, linear(x).detach()) < 0.05
@@ -177,6 +177,101 @@ def test_deepcopy_after_forward():
     assert torch.equal(copy.deepcopy(module)(x), y)
 
 
+def _conv_input(n, c, h, w, act, channels_last, seed):
+    """Values spread over the static code range and past both ends (clipped), on the grid and between."""
+    g = torch.Generator().manual_seed(seed)
+    if act.mode == "weight_only":
+        x = torch.randn(n, c, h, w, generator=g)
+    else:
+        codes = torch.randint(-3, act.code_max + 4, (n, c, h, w), generator=g).float()
+        x = (codes - act.zero_point + torch.rand(n, c, h, w, generator=g) - 0.5) * act.scale
+        x.view(-1)[:2] = torch.tensor([(act.code_max - act.zero_point) * act.scale, -act.zero_point * act.scale])
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), per_group_in=st.integers(1, 4), per_group_out=st.integers(1, 4),
+       groups=st.sampled_from([1, 2, 3, "depthwise"]), kernel_size=st.sampled_from([(1, 1), (3, 3), (2, 3)]),
+       stride=st.sampled_from([1, 2, (2, 1)]), padding=st.sampled_from([0, 1, (2, 0)]),
+       dilation=st.sampled_from([1, 2]), bias=st.booleans(), act_kind=st.sampled_from(["u7", "u8", "weight_only"]),
+       kernel=st.sampled_from(CPU_CONV), channels_last=st.booleans(), batch=st.sampled_from([1, 3, None]),
+       seed=st.integers(0, 2**16))
+def test_int8_conv2d_matches_spec_and_the_float_conv(data, per_group_in, per_group_out, groups, kernel_size,
+                                                      stride, padding, dilation, bias, act_kind, kernel,
+                                                      channels_last, batch, seed):
+    if groups == "depthwise":
+        groups, per_group_in = data.draw(st.integers(2, 6)), 1
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(per_group_in * groups, per_group_out * groups, kernel_size, stride, padding, dilation,
+                     groups, bias=bias)
+    if act_kind == "weight_only":
+        if kernel == "onednn":
+            kernel = "dense"  # oneDNN's convolution has integer activations only
+        module = Int8Conv2d.from_float(conv, mode="weight_only", kernel=_kernel(kernel))
+    else:
+        bits = 7 if act_kind == "u7" else 8
+        zp = data.draw(st.integers(0, 2**bits - 1))
+        module = Int8Conv2d.from_float(conv, act_scale=0.02, act_zero_point=zp, act_bits=bits,
+                                       kernel=_kernel(kernel))
+    act = module.act_quant()
+    size = data.draw(st.integers(max(module.kernel_size) * dilation, 9))
+    x = _conv_input(batch or 1, conv.in_channels, size, size + 1, act, channels_last, seed)
+    if batch is None:
+        x = x[0]  # unbatched [C, H, W]
+    y = module(x)
+    x4d = x if batch else x.unsqueeze(0)
+    spec = conv_kernels.int8_conv2d_spec(x4d, module.weight_int8, module.weight_scale, module.bias,
+                                         module.geometry, act)
+    spec = spec if batch else spec[0]
+    assert y.shape == spec.shape == conv(x).shape and y.dtype == x.dtype
+    assert conv_kernels.memory_format_of(y) == conv_kernels.memory_format_of(conv(x))
+    if not (module.last_kernel == "onednn" and act_kind == "u8"):  # 8-bit codes saturate without VNNI
+        assert cpu_kernels.relative_error(y, spec) <= cpu_kernels.INT8_TOLERANCE[act.mode]
+    if module.last_kernel == "dense":  # bit for bit the fake-quant simulation: dequantized x and W, F.conv2d
+        x_hat = x.float() if act_kind == "weight_only" else \
+            (cpu_kernels.static_codes(x, act) * torch.tensor(act.scale))
+        w_hat = module.weight_int8.float() * module.weight_scale.reshape(-1, 1, 1, 1)
+        assert torch.equal(y, nn.functional.conv2d(x_hat, w_hat, module.bias, conv.stride, conv.padding,
+                                                   conv.dilation, conv.groups))
+
+
+def test_int8_conv2d_7bit_onednn_is_exact_at_the_saturating_worst_case():
+    """All codes at the top and full-range same-sign weights: int16 pair sums of 8-bit codes would saturate."""
+    module = Int8Conv2d(64, 8, 3, padding=1, act_scale=0.05, act_zero_point=0, act_bits=7, kernel="onednn")
+    module.weight_int8.fill_(127)
+    module.weight_int8[1::2] = -127
+    x = torch.full((2, 64, 6, 6), 127 * 0.05)
+    spec = conv_kernels.int8_conv2d_spec(x, module.weight_int8, module.weight_scale, module.bias,
+                                         module.geometry, module.act_quant())
+    assert float(spec.abs().max()) == pytest.approx(127 * 127 * 64 * 9 * 0.05, rel=1e-6)
+    assert cpu_kernels.relative_error(module(x), spec) <= 1e-6
+
+
+def test_int8_conv2d_state_dict_holds_int8_and_round_trips_bit_identically(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(4)
+    module = Int8Conv2d.from_float(nn.Conv2d(6, 8, 3, stride=2, padding=1, groups=2), act_scale=0.04,
+                                   act_zero_point=60, act_bits=7)
+    state = module.state_dict()
+    assert state["weight_int8"].dtype == torch.int8 and state["weight_int8"].shape == (8, 3, 3, 3)
+    assert state["act_zero_point"].dtype == torch.int32 and state["weight_scale"].dtype == torch.float32
+    safetensors.save_file(state, tmp_path / "conv.safetensors")
+    fresh = Int8Conv2d(6, 8, 3, stride=2, padding=1, groups=2, act_scale=1.0, act_zero_point=0, act_bits=7)
+    fresh.load_state_dict(safetensors.load_file(tmp_path / "conv.safetensors"))
+    x = torch.randn(2, 6, 10, 10)
+    assert torch.equal(module(x), fresh(x)) and fresh.act_quant() == module.act_quant()
+    assert torch.equal(copy.deepcopy(module)(x), module(x))
+
+
+def test_int8_conv2d_traces_as_a_leaf_and_only_propagates_shapes_on_meta():
+    module = Int8Conv2d.from_float(nn.Conv2d(3, 4, 3, stride=2), mode="weight_only")
+    gm = fx.symbolic_trace(nn.Sequential(module, nn.ReLU()))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1"]
+    assert module(torch.empty(5, 3, 9, 9, device="meta")).shape == (5, 4, 4, 4)
+    assert module.last_kernel is None
+    assert "mode=weight_only" in repr(module) and "stride=(2, 2)" in repr(module)
+
+
 def test_module_errors_name_the_problem():
     with pytest.raises(KernelError, match="needs act_scale"):
         Int8Linear(8, 4, mode="static_per_tensor")
@@ -190,6 +285,22 @@ def test_module_errors_name_the_problem():
         Int8Linear(8, 4)(torch.randn(2, 9))
     with pytest.raises(KernelError, match="block \\(3, 3\\) must divide"):
         BlockSparseLinear(8, 8, (3, 3))
+    with pytest.raises(KernelError, match="act_zero_point in \\[0, 127\\]"):
+        Int8Linear(8, 4, mode="static_per_tensor", act_scale=0.1, act_zero_point=128, act_bits=7)
+    with pytest.raises(KernelError, match="act_bits is for mode='static_per_tensor'"):
+        Int8Linear(8, 4, act_bits=7)
+    with pytest.raises(KernelError, match="mode 'dynamic_per_token' is not one of"):
+        Int8Conv2d(4, 4, 3, mode="dynamic_per_token")
+    with pytest.raises(KernelError, match="divisible by groups=3"):
+        Int8Conv2d(4, 6, 3, groups=3, mode="weight_only")
+    with pytest.raises(KernelError, match="C=in_channels=4"):
+        Int8Conv2d(4, 4, 3, mode="weight_only")(torch.randn(1, 3, 8, 8))
+    with pytest.raises(KernelError, match="smaller than the \\(dilated\\) kernel"):
+        Int8Conv2d(4, 4, 5, mode="weight_only")(torch.randn(1, 4, 3, 3))
+    with pytest.raises(KernelError, match="not a conv kernel"):
+        Int8Conv2d(4, 4, 3, mode="weight_only", kernel="fbgemm")
+    with pytest.raises(KernelError, match="does not implement activation mode 'weight_only'"):
+        Int8Conv2d(4, 4, 3, mode="weight_only", kernel="onednn")(torch.randn(1, 4, 5, 5))
 
 
 def _needs(*modules: str):

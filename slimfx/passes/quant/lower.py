@@ -1,21 +1,34 @@
-"""lower-int8: replace fake-quantized linear layers by :class:`slimfx.kernels.Int8Linear`.
+"""lower-int8: replace fake-quantized linear and conv layers by real int8 modules from :mod:`slimfx.kernels`.
 
-A linear whose weight goes through a frozen ``int8-per-channel`` (symmetric) fake-quant node becomes one
-``call_module`` of an Int8Linear holding exactly the simulated int8 weight and scales. Its activation mode:
-``static_per_tensor`` with the calibrated scale / zero point when its input is a frozen int8 per-tensor
-fake-quant node (the kernel's quantizer is the simulation's, bit for bit); ``dynamic_per_token`` when the
-input is a per-token fake-quant node, or when it has none (``activations=dynamic-per-token``, the
-default; ``activations=keep`` leaves such layers alone). Convs, fp8/int4/grouped weights and
+A linear or 2-d conv whose weight goes through a frozen symmetric per-channel integer fake-quant node of at
+most 8 bits (``int8-per-channel``, also int7/int4) becomes one ``call_module`` of an
+:class:`~slimfx.kernels.Int8Linear` / :class:`~slimfx.kernels.Int8Conv2d` holding exactly the simulated
+int8 weight and scales. Activation mode:
+
+* ``static_per_tensor`` when the input goes through a frozen integer per-tensor fake-quant node (any width
+  up to 8 bits), with its calibrated scale and zero point: the kernel's quantizer is the simulation's, bit
+  for bit. ``int7-per-tensor`` activations (7-bit codes, torch.ao's ``reduce_range``) are what fbgemm and
+  oneDNN compute exactly on AVX2 CPUs without VNNI; 8-bit codes need VNNI there (the dispatcher measures
+  and checks, it never assumes);
+* ``dynamic_per_token`` (linears) when the input is a per-token fake-quant node;
+* an input without a fake-quant node: linears quantize it at run time per ``activations``
+  (``dynamic-per-token``, the default and the GPU kernel's numerics, or ``dynamic-per-tensor``, torch.ao's
+  dynamic quantization, fast on x86 CPUs); convs keep it in float (``weight_only``: int8 storage, the
+  simulation's arithmetic); ``activations=keep`` leaves both alone.
+
+fp8 / grouped / asymmetric weights, 1-d/3-d convs, geometry or biases computed by the graph, and
 uncalibrated inputs stay in fake-quant float and are noted.
 
 Contract ``bounded``, with a bound computed, not measured: the pass runs the simulation on the example
 inputs and propagates through the graph an upper bound of each node's max-abs deviation, from
 (1) each kernel's documented tolerance (``slimfx.kernels.INT8_TOLERANCE`` x max|output|), (2) the fp32
-rounding of the simulation's own matmul (``gamma_K x max(|x| @ |W|^T + |b|)``), (3) activation quantization
-the simulation did not do (``scale / 2`` per element x the row's L1 norm of W) and (4) downstream
-re-quantization, where a perturbed input may round one step differently (``delta + scale``), through each
-op's Lipschitz constant (L1 row norms for linear/conv, 1 for ReLU, ...). An op without a rule makes the
-bound infinite (noted). The bound holds for the example inputs the pass manager checks it on.
+rounding of the simulation's own matmul / conv and of the kernel's (each at most
+``gamma_K x max(|x| (*) |W| + |b|)``, K the fan-in), (3) activation quantization the simulation did not do
+(``scale / 2`` per element, or a whole step where ties may round differently, x the L1 norm of a weight row
+/ filter) and (4) downstream re-quantization, where a perturbed input may round one step differently
+(``delta + scale``), through each op's Lipschitz constant (L1 row norms for linear/conv, 1 for ReLU, ...).
+An op without a rule makes the bound infinite (noted). The bound holds for the example inputs the pass
+manager checks it on.
 """
 
 from __future__ import annotations
@@ -28,17 +41,20 @@ import torch
 import torch.nn as nn
 from torch import fx
 
+from slimfx.errors import KernelError
 from slimfx.ir import ops
 from slimfx.ir.layer import Layer
 from slimfx.ir.ops import OpKind
 from slimfx.ir.program import Program
-from slimfx.kernels import INT8_TOLERANCE, Int8Linear
+from slimfx.kernels import INT8_TOLERANCE, ConvGeometry, Int8Conv2d, Int8Linear
 from slimfx.passes.base import Contract, Pass, PassResult, register_pass
 from slimfx.passes.cleanup.dce import delete_unused_submodules
 from slimfx.passes.quant.fake_quant import FakeQuantize, fake_quant_module
 from slimfx.passes.quant.spec import FP8_E4M3_ABS_FLOOR, FP8_E4M3_REL
 
 _U = 2.0**-24  # fp32 unit roundoff
+#: torch's ChooseQuantizationParams widens smaller scales to this (dynamic per-tensor activations).
+_TORCH_SMALL_SCALE = 6.1e-5
 
 # Lipschitz constants (max |f'|) of elementwise activations, by function/module name.
 _LIPSCHITZ = {"relu": 1.0, "relu6": 1.0, "hardtanh": 1.0, "tanh": 1.0, "sigmoid": 0.25, "gelu": 1.13,
@@ -50,19 +66,26 @@ _PASS_THROUGH = {OpKind.RESHAPE, OpKind.PERMUTE, OpKind.CONTIGUOUS, OpKind.IDENT
 
 @dataclass
 class LowerInt8Options:
-    """activations: mode for linears whose input has no fake-quant node (dynamic-per-token or keep)."""
+    """activations: what to do with layers whose input has no fake-quant node: linears quantize it at run
+    time (dynamic-per-token or dynamic-per-tensor) and convs keep it in float; keep leaves both alone."""
 
-    activations: Literal["dynamic-per-token", "keep"] = "dynamic-per-token"
+    activations: Literal["dynamic-per-token", "dynamic-per-tensor", "keep"] = "dynamic-per-token"
 
 
 @dataclass
 class _Plan:
     node: fx.Node
     label: str
-    x: fx.Node  # what the Int8Linear reads
+    x: fx.Node  # what the int8 module reads
     weight_fq: fx.Node
     act_fq: fx.Node | None
     mode: str
+    act_bits: int = 8
+    geometry: ConvGeometry | None = None  # None for linears
+
+    @property
+    def module_name(self) -> str:
+        return "Int8Linear" if self.geometry is None else "Int8Conv2d"
 
 
 def _gamma(n: int) -> float:
@@ -80,9 +103,43 @@ def _target_name(program: Program, node: fx.Node) -> str:
     return getattr(target, "__name__", str(target))
 
 
+def _static_qparams(fq: FakeQuantize) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (scale, zero_point) a static fake-quant node applies (a learned QAT scale as it is applied)."""
+    scale, zero_point = fq.qparams(torch.empty(0))
+    return scale.detach().float(), zero_point.detach()
+
+
+def _lowerable_weight(fq: FakeQuantize) -> bool:
+    spec = fq.spec
+    return (spec.dtype == "int" and spec.bits <= 8 and spec.granularity == "per-channel" and spec.narrow
+            and spec.axis == 0 and fq.frozen)
+
+
+def _conv_geometry(layer: Layer, weight_shape: torch.Size) -> tuple[ConvGeometry | None, str | None]:
+    """The conv's geometry as constants, or the reason it has none."""
+    values = {role: layer.get(role) for role in ("stride", "padding", "dilation", "groups")}
+    for role, value in values.items():
+        if isinstance(value, fx.Node) or (isinstance(value, (tuple, list)) and
+                                          any(isinstance(v, fx.Node) for v in value)):
+            return None, f"its {role} is computed by the graph"
+    padding = values["padding"]
+    try:
+        if padding == "valid":
+            padding = 0
+        elif padding == "same":
+            dilation = ConvGeometry.of(dilation=values["dilation"]).dilation
+            totals = [d * (k - 1) for d, k in zip(dilation, weight_shape[2:])]
+            if any(t % 2 for t in totals):
+                return None, "padding='same' pads unevenly for its even (dilated) kernel"
+            padding = tuple(t // 2 for t in totals)
+        return ConvGeometry.of(values["stride"], padding, values["dilation"], values["groups"]), None
+    except KernelError as exc:
+        return None, str(exc)
+
+
 @register_pass
 class LowerInt8(Pass):
-    """Replace fake-quantized int8 linears by Int8Linear kernels (static or dynamic per-token activations)."""
+    """Replace fake-quantized int8 linears / 2-d convs by Int8Linear / Int8Conv2d kernels."""
 
     name = "lower-int8"
     contract = Contract.BOUNDED
@@ -90,9 +147,11 @@ class LowerInt8(Pass):
 
     def run(self, program: Program) -> PassResult:
         notes: list[str] = []
-        plans = [p for p in (self._plan(program, n, notes) for n in program.nodes_of(OpKind.LINEAR)) if p]
+        nodes = program.nodes_of(OpKind.LINEAR, OpKind.CONV)
+        plans = [p for p in (self._plan(program, n, notes) for n in nodes) if p]
         if not plans:
-            return PassResult(changed=False, notes=notes or ["no fake-quantized linear layers to lower"], bound=0.0)
+            return PassResult(changed=False, notes=notes or ["no fake-quantized linear or conv layers to lower"],
+                              bound=0.0)
         bound, why = self._bound(program, plans)
         if why:
             notes.append(f"the error bound is infinite: {why}")
@@ -101,10 +160,18 @@ class LowerInt8(Pass):
         program.graph.eliminate_dead_code()
         _drop_unused_attributes(program)
         program.analyses.pop("attribute-uses", None)
-        modes = sorted({p.mode for p in plans})
-        notes.append(f"lowered {len(plans)} linear layer(s) to Int8Linear ({', '.join(modes)}); convs stay in "
-                     "fake-quant float")
-        return PassResult(stats={"lowered": len(plans)}, notes=notes, bound=bound)
+        stats = {"lowered": len(plans)}
+        for kind, module_name in (("linear", "Int8Linear"), ("conv", "Int8Conv2d")):
+            group = [p for p in plans if p.module_name == module_name]
+            stats[kind] = len(group)
+            if group:
+                modes = sorted({p.mode + (f"[{p.act_bits}-bit]" if p.act_bits != 8 else "") for p in group})
+                notes.append(f"lowered {len(group)} {kind} layer(s) to {module_name} ({', '.join(modes)})")
+        if any(p.mode == "static_per_tensor" and p.act_bits == 8 for p in plans):
+            notes.append("8-bit static activations: on x86 CPUs without VNNI the int8 kernels saturate on them "
+                         "and the dispatcher falls back to float; quant-insert{activations=int7-per-tensor} is "
+                         "exact with fbgemm/oneDNN there")
+        return PassResult(stats=stats, notes=notes, bound=bound)
 
     def _plan(self, program: Program, node: fx.Node, notes: list[str]) -> _Plan | None:
         if node.op != "call_function":
@@ -115,11 +182,26 @@ class LowerInt8(Pass):
         if wfq is None:
             return None
         label = node.name
-        spec = wfq.spec
-        if not (spec.dtype == "int" and spec.bits == 8 and spec.granularity == "per-channel" and spec.narrow
-                and spec.axis == 0 and wfq.frozen):
-            notes.append(f"kept %{label}: weights are {spec}, Int8Linear needs int8-per-channel-sym")
+        is_conv = program.kind(node) is OpKind.CONV
+        module_name = "Int8Conv2d" if is_conv else "Int8Linear"
+        if not _lowerable_weight(wfq):
+            state = "" if wfq.frozen else " (not frozen)"
+            notes.append(f"kept %{label}: weights are {wfq.spec}{state}; {module_name} needs symmetric "
+                         "per-channel integer weights of at most 8 bits, e.g. int8-per-channel")
             return None
+        weight = _constant(program, raw_weight.args[0])
+        if weight is None:
+            notes.append(f"kept %{label}: its weight is computed by the graph from non-constants")
+            return None
+        geometry = None
+        if is_conv:
+            if weight.dim() != 4:
+                notes.append(f"kept %{label}: a {weight.dim() - 2}-d conv; Int8Conv2d lowers 2-d convs only")
+                return None
+            geometry, why = _conv_geometry(layer, weight.shape)
+            if geometry is None:
+                notes.append(f"kept %{label}: {why}")
+                return None
         bias = layer.get("bias")
         if bias is not None and not isinstance(bias, torch.Tensor):
             notes.append(f"kept %{label}: its bias is computed by the graph")
@@ -130,31 +212,45 @@ class LowerInt8(Pass):
             if self.options.activations == "keep":
                 notes.append(f"kept %{label}: its input is not fake-quantized (activations=keep)")
                 return None
-            return _Plan(node, label, x, raw_weight, None, "dynamic_per_token")
+            mode = "weight_only" if is_conv else self.options.activations.replace("-", "_")
+            return _Plan(node, label, x, raw_weight, None, mode, geometry=geometry)
         aspec = afq.spec
-        if aspec.dynamic:
+        if aspec.dynamic and not is_conv:
             return _Plan(node, label, x.args[0], raw_weight, x, "dynamic_per_token")
-        if aspec.dtype == "int" and aspec.bits == 8 and aspec.granularity == "per-tensor" and not aspec.narrow:
+        if aspec.dtype == "int" and aspec.granularity == "per-tensor":
             if not afq.frozen:
                 notes.append(f"kept %{label}: its input's fake-quant is not calibrated (run calibrate first)")
                 return None
-            return _Plan(node, label, x.args[0], raw_weight, x, "static_per_tensor")
-        notes.append(f"kept %{label}: activations are {aspec}; Int8Linear runs int8 per-tensor or per-token")
+            return _Plan(node, label, x.args[0], raw_weight, x, "static_per_tensor", aspec.bits, geometry)
+        notes.append(f"kept %{label}: activations are {aspec}; {module_name} runs integer per-tensor (static)"
+                     + ("" if is_conv else " or per-token") + " activations")
         return None
 
     def _lower(self, program: Program, plan: _Plan) -> None:
         wfq: FakeQuantize = program.module.get_submodule(plan.weight_fq.target)
-        weight = _value(program, plan.weight_fq.args[0]).detach().float()
-        scale = wfq.scale.detach().float().reshape(-1)
+        weight = _constant(program, plan.weight_fq.args[0]).detach().float()
+        scale = _static_qparams(wfq)[0].reshape(-1)
         bias = Layer(program, plan.node).get("bias")
-        out_features, in_features = weight.shape
         kwargs: dict[str, Any] = {}
         if plan.mode == "static_per_tensor":
             afq: FakeQuantize = program.module.get_submodule(plan.act_fq.target)
-            kwargs = {"act_scale": afq.scale.reshape(()).clone(),
-                      "act_zero_point": int(afq.zero_point.reshape(())) + 128}
-        module = Int8Linear(in_features, out_features, bias is not None, plan.mode, **kwargs)
-        module.weight_int8.copy_(torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8))
+            act_scale, act_zero_point = _static_qparams(afq)
+            # the simulation's codes run qmin..qmax around its zero point; the kernels' run 0..2**bits - 1
+            kwargs = {"act_scale": act_scale.reshape(()).clone(),
+                      "act_zero_point": int(act_zero_point.reshape(())) - afq.spec.qmin,
+                      "act_bits": plan.act_bits}
+        if plan.geometry is None:
+            out_features, in_features = weight.shape
+            module = Int8Linear(in_features, out_features, bias is not None, plan.mode, **kwargs)
+        else:
+            g = plan.geometry
+            out_channels, per_group, kh, kw = weight.shape
+            module = Int8Conv2d(per_group * g.groups, out_channels, (kh, kw), g.stride, g.padding, g.dilation,
+                                g.groups, bias is not None, plan.mode, **kwargs)
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        spec = wfq.spec
+        q = torch.round(weight / scale.reshape(shape)).clamp_(spec.qmin, spec.qmax)  # the simulation's codes
+        module.weight_int8.copy_(q.to(torch.int8))
         module.weight_scale.copy_(scale)
         if bias is not None:
             module.bias.copy_(bias.detach().float())
@@ -190,32 +286,46 @@ class LowerInt8(Pass):
         return math.inf, "no output node"
 
 
+def _max_abs(t: torch.Tensor) -> float:
+    return float(t.abs().max()) if t.numel() else 0.0
+
+
+def _input_error(plan: _Plan, values: dict, d_x: float) -> float:
+    """Max |kernel's dequantized input - simulation's input| per element."""
+    x_raw = values[plan.x]
+    if plan.act_fq is None:  # the kernel quantizes what the simulation kept in float (or keeps it too)
+        if plan.mode == "weight_only":
+            return d_x
+        if plan.mode == "dynamic_per_tensor":  # one whole 7-bit step: fbgemm rounds ties its own way
+            lo = min(float(x_raw.min()), 0.0) - d_x if x_raw.numel() else 0.0
+            hi = max(float(x_raw.max()), 0.0) + d_x if x_raw.numel() else 0.0
+            return d_x + max((hi - lo) / 127, _TORCH_SMALL_SCALE)
+        return d_x + (_max_abs(x_raw) + d_x) / 254
+    if d_x == 0.0:
+        return 0.0  # the kernel's quantizer is the simulation's, on the same input
+    if plan.mode == "dynamic_per_token":
+        return d_x + (2 * _max_abs(x_raw) + d_x) / 254
+    return d_x + _act_scale(plan, values)
+
+
 def _lowered_delta(plan: _Plan, values: dict, delta: dict) -> float:
     w_hat = values[plan.weight_fq]
-    x_sim = values[ops.data_input(plan.node)]  # what the simulated linear multiplies
-    x_raw = values[plan.x]
+    x_sim = values[ops.data_input(plan.node)]  # what the simulated layer multiplies
     y_sim = values[plan.node]
-    d_x = delta.get(plan.x, 0.0)
-    if plan.act_fq is None:  # the kernel quantizes what the simulation kept in float
-        amax = float(x_raw.abs().max()) if x_raw.numel() else 0.0
-        d_q = d_x + (amax + d_x) / 254
-    elif d_x == 0.0:
-        d_q = 0.0  # the kernel's quantizer is the simulation's, on the same input
-    elif plan.mode == "dynamic_per_token":
-        amax = float(x_raw.abs().max())
-        d_q = d_x + (2 * amax + d_x) / 254
-    else:
-        d_q = d_x + _act_scale(plan, values)
-    row_l1 = float(w_hat.abs().sum(dim=1).max())
-    e_act = d_q * row_l1
+    d_q = _input_error(plan, values, delta.get(plan.x, 0.0))
+    e_act = d_q * float(w_hat.abs().reshape(w_hat.shape[0], -1).sum(dim=1).max())
     bias = plan.node.args[2] if len(plan.node.args) > 2 else plan.node.kwargs.get("bias")
     b = values.get(bias) if isinstance(bias, fx.Node) else bias
-    accum = x_sim.abs().reshape(-1, x_sim.shape[-1]) @ w_hat.abs().t()
-    if isinstance(b, torch.Tensor):
-        accum = accum + b.abs()
-    e_fp = _gamma(w_hat.shape[1] + 4) * float(accum.max()) if accum.numel() else 0.0
-    peak = (float(y_sim.abs().max()) if y_sim.numel() else 0.0) + e_act + e_fp
-    return INT8_TOLERANCE[plan.mode] * peak + e_act + e_fp
+    if plan.geometry is None:
+        accum = x_sim.abs().reshape(-1, x_sim.shape[-1]) @ w_hat.abs().t()
+        if isinstance(b, torch.Tensor):
+            accum = accum + b.abs()
+    else:
+        accum = plan.geometry.conv(x_sim.abs(), w_hat.abs(), None if not isinstance(b, torch.Tensor) else b.abs())
+    # the simulation and the kernel each round their own sum (the kernel's inputs are within d_q)
+    e_fp = _gamma(w_hat[0].numel() + 4) * (_max_abs(accum) + e_act)
+    peak = _max_abs(y_sim) + e_act + e_fp
+    return INT8_TOLERANCE[plan.mode] * peak + e_act + 2 * e_fp
 
 
 def _act_scale(plan: _Plan, values: dict) -> float:
@@ -229,7 +339,7 @@ def _propagate(program: Program, node: fx.Node, values: dict, delta: dict, d_in:
         x = values[node.args[0]]
         if fq.spec.dynamic:
             return d_in + (2 * float(x.abs().max()) + d_in) / 254
-        scale = float(fq.scale.max())
+        scale = float(_static_qparams(fq)[0].max())
         if fq.spec.dtype == "fp8-e4m3":
             return d_in + 2 * FP8_E4M3_REL * (float(x.abs().max()) + d_in) + 2 * scale * FP8_E4M3_ABS_FLOOR
         return d_in + scale if fq.frozen else d_in
@@ -293,8 +403,8 @@ def _run_recording(program: Program) -> dict:
             result = super().run_node(n)
             values[n] = result.detach() if isinstance(result, torch.Tensor) else result
             fq = fake_quant_module(program.module, n)
-            if fq is not None:
-                values["__scale__" + n.name] = float(fq.scale.max())
+            if fq is not None and not fq.spec.dynamic:
+                values["__scale__" + n.name] = float(_static_qparams(fq)[0].max())
             return result
 
     with torch.no_grad():
@@ -302,13 +412,10 @@ def _run_recording(program: Program) -> dict:
     return values
 
 
-def _value(program: Program, node: fx.Node) -> torch.Tensor:
+def _constant(program: Program, node: fx.Node) -> torch.Tensor | None:
     from slimfx.passes.quant.insert import _constant_value
 
-    found = _constant_value(program, node)
-    if found is None:
-        raise ValueError(f"%{node.name} is not a constant")
-    return found
+    return _constant_value(program, node)
 
 
 def _flat_nodes(value: Any) -> list[fx.Node]:

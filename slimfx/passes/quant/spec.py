@@ -9,6 +9,10 @@ A scheme string names the number format, the granularity and (optionally) the sy
     fp8-e4m3[-per-tensor|-per-channel]   round to the float8 e4m3 grid after dividing by a scale
     none                            leave the tensor in float
 
+``int7-per-tensor`` activations (7-bit codes, torch.ao's ``reduce_range``) are the ones ``lower-int8`` runs exactly
+on fbgemm / oneDNN int8 kernels on x86 CPUs without VNNI (AVX2), whose int16 pair sums saturate for 8-bit codes;
+``int8-per-tensor`` activations need VNNI (or the float fallback) there.
+
 Integer formats: symmetric weights use the narrow range ``[-(2^(b-1)-1), 2^(b-1)-1]`` with zero point 0
 (int8: [-127, 127], what :class:`slimfx.kernels.Int8Linear` stores); symmetric activations use the full
 range ``[-2^(b-1), 2^(b-1)-1]`` with zero point 0; asymmetric tensors use the full range with a zero point.
@@ -33,7 +37,7 @@ FP8_E4M3_ABS_FLOOR = 2.0**-10
 #: Half an e4m3 ulp relative to the value (3 mantissa bits): the relative error of a normal number.
 FP8_E4M3_REL = 2.0**-4
 
-_EXAMPLES = ["none", "int8-per-tensor", "int8-per-channel", "int8-per-token", "int4-per-channel",
+_EXAMPLES = ["none", "int8-per-tensor", "int7-per-tensor", "int8-per-channel", "int8-per-token", "int4-per-channel",
              "int4-group128", "int8-per-tensor-sym", "int8-per-channel-asym", "fp8-e4m3",
              "fp8-e4m3-per-channel"]
 _INT = re.compile(r"^int(?P<bits>[2-8])-(?P<gran>per-tensor|per-channel|per-token|group(?P<group>[0-9]+))"

@@ -1,33 +1,56 @@
-"""lower-int8: Int8Linear replaces fake-quantized linears within the bound the pass computes."""
+"""lower-int8: Int8Linear / Int8Conv2d replace fake-quantized layers within the bound the pass computes."""
 
 import math
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import slimfx
 import slimfx.passes.quant.insert  # noqa: F401  (registers the passes)
 import slimfx.passes.quant.lower  # noqa: F401
-from slimfx.kernels import Int8Linear
+from slimfx.ir.layer import Layer
+from slimfx.ir.ops import OpKind
+from slimfx.kernels import Int8Conv2d, Int8Linear, dispatch
 from slimfx.passes.quant.calibrate import set_calibration_data
+from slimfx.passes.quant.spec import fake_quantize, parse_spec
 from slimfx.testing import check_contract
 from slimfx.testing import strategies as sst
-from slimfx.zoo import DigitsMLP
+from slimfx.zoo import DigitsMLP, get_model
 
 PIPELINES = [
     "quant-insert,calibrate{progress=false},lower-int8",
+    "quant-insert{activations=int7-per-tensor},calibrate{progress=false},lower-int8",
     "quant-insert{activations=int8-per-token},lower-int8",
     "quant-insert{activations=none},lower-int8",
+    "quant-insert{activations=none},lower-int8{activations=dynamic-per-tensor}",
 ]
+CNN_PIPELINES = [
+    "quant-insert,calibrate{progress=false},lower-int8",
+    "quant-insert{activations=int7-per-tensor},calibrate{progress=false},lower-int8",
+    "quant-insert{activations=none},lower-int8",
+]
+_U = 2.0**-24
 
 
-def _int8_modules(program):
-    return [m for m in program.module.modules() if isinstance(m, Int8Linear)]
+@pytest.fixture(autouse=True)
+def private_kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMFX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("SLIMFX_KERNEL", raising=False)
+    dispatch.clear_memory_cache()
+    yield
+    dispatch.clear_memory_cache()
+
+
+def _modules(program, cls=Int8Linear):
+    return [m for m in program.module.modules() if isinstance(m, cls)]
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES)
-@settings(max_examples=6)
+@settings(max_examples=6, deadline=None)
 @given(pair=sst.programs_with_cases(sst.mlps(), frontend="any"))
 def test_lowered_random_mlps_stay_within_the_stated_bound(pipeline, pair):
     program, case = pair
@@ -35,9 +58,71 @@ def test_lowered_random_mlps_stay_within_the_stated_bound(pipeline, pair):
     set_calibration_data(program, [case.fresh_inputs(seed=s) for s in range(3)])
     report = check_contract(pipeline, program)  # the manager checks the lowered outputs against the bound
     run = report.runs[-1]
-    lowered = _int8_modules(report.result)
+    lowered = _modules(report.result)
     assert run.stats.get("lowered", 0) == len(lowered)
     assert run.bound is not None and run.max_abs_diff <= run.bound * (1 + 1e-5) + 1e-6
+
+
+def _conv_nodes(program):
+    return [n for n in program.nodes_of(OpKind.CONV)]
+
+
+@pytest.mark.parametrize("pipeline", CNN_PIPELINES)
+@settings(max_examples=8, deadline=None)
+@given(pair=sst.programs_with_cases(sst.cnns(max_blocks=3, max_channels=16), frontend="any"))
+def test_lowered_random_cnns_stay_within_the_stated_bound(pipeline, pair):
+    program, case = pair
+    program = program.clone()
+    set_calibration_data(program, [case.fresh_inputs(seed=s) for s in range(3)])
+    convs = _conv_nodes(program)
+    two_d = sum(Layer(program, n).get("weight").dim() == 4 for n in convs)
+    report = check_contract(pipeline, program, extra_inputs=[case.fresh_inputs(seed=7)])
+    run = report.runs[-1]
+    assert run.bound is not None and run.max_abs_diff <= run.bound * (1 + 1e-5) + 1e-6
+    assert run.stats.get("conv", 0) == len(_modules(report.result, Int8Conv2d)) == two_d, run.notes
+    assert len(_conv_nodes(report.result)) == len(convs) - two_d  # only 1-d convs stay (noted)
+    assert all("1-d conv" in note for note in run.notes if note.startswith("kept"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), lead=st.lists(st.integers(1, 4), max_size=2), k=st.integers(1, 64), n=st.integers(1, 33),
+       bias=st.booleans(), kernel=st.sampled_from(["dense", "fbgemm", "onednn", "int_mm", "auto"]),
+       zero_point=st.integers(-64, 63), scale=st.floats(1e-3, 10.0), seed=st.integers(0, 2**16))
+def test_7bit_int8_linear_equals_the_fake_quant_simulation(data, lead, k, n, bias, kernel, zero_point, scale, seed):
+    """Integer accumulation exact, epilogue within a few fp32 ulps: for K <= 64 the tolerance is under a
+    quarter of one activation step times any nonzero weight, so a single wrongly quantized or saturated
+    code fails the test."""
+    g = torch.Generator().manual_seed(seed)
+    a_spec, w_spec = parse_spec("int7-per-tensor", "activation"), parse_spec("int8-per-channel", "weight")
+    s = torch.tensor(scale, dtype=torch.float32)
+    zp = torch.tensor(zero_point, dtype=torch.int32)
+    # codes across the whole range and past both ends, on the grid, at ties (x.5) and in between
+    codes = torch.randint(a_spec.qmin - 3, a_spec.qmax + 4, (*lead, k), generator=g).float()
+    frac = torch.tensor([-0.5, 0.0, 0.5, 0.25, -0.37])[torch.randint(0, 5, codes.shape, generator=g)]
+    x = (codes - zero_point + frac) * s
+    x.view(-1)[: min(2, x.numel())] = torch.tensor([(a_spec.qmax - zero_point) * scale,
+                                                    (a_spec.qmin - zero_point) * scale])[: min(2, x.numel())]
+    w = torch.randn(n, k, generator=g) * data.draw(st.sampled_from([1e-3, 1.0, 50.0]))
+    w_scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-8)
+    w_hat = fake_quantize(w, w_scale, torch.zeros(n, dtype=torch.int32), w_spec)
+    b = torch.randn(n, generator=g) if bias else None
+    x_hat = fake_quantize(x, s, zp, a_spec)
+    simulated = F.linear(x_hat, w_hat, b)
+
+    module = Int8Linear(k, n, bias, "static_per_tensor", act_scale=s, act_zero_point=zero_point - a_spec.qmin,
+                        act_bits=7, kernel=None if kernel == "auto" else kernel)
+    module.weight_int8.copy_(torch.round(w / w_scale[:, None]).to(torch.int8))
+    module.weight_scale.copy_(w_scale)
+    if bias:
+        module.bias.copy_(b)
+    y = module(x)
+    exact = x_hat.double() @ w_hat.double().t() + (b.double() if bias else 0.0)
+    room = 4 * _U * (x_hat.double().abs() @ w_hat.double().abs().t() + (b.double().abs() if bias else 0.0))
+    assert y.shape == simulated.shape
+    assert ((y.double() - exact).abs() <= room + 1e-30).all(), module.last_kernel
+    assert ((simulated.double() - exact).abs() <= room + 1e-30).all()
+    if module.last_kernel == "dense":
+        assert torch.equal(y, simulated)  # the dense kernel is the simulation's arithmetic, bit for bit
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
@@ -49,17 +134,78 @@ def test_digits_mlp_lowers_every_linear_with_a_finite_bound(frontend):
                                    [torch.rand(16, 64) for _ in range(4)])
     out = slimfx.run_pipeline(program, PIPELINES[0])
     run = out.log[-1]
-    assert len(_int8_modules(out)) == 2 and {m.mode for m in _int8_modules(out)} == {"static_per_tensor"}
+    assert len(_modules(out)) == 2 and {m.mode for m in _modules(out)} == {"static_per_tensor"}
     assert math.isfinite(run.bound) and run.max_abs_diff <= run.bound
     assert "fake_quant" not in str(out) and out.num_params() == 0  # float weights are gone
     assert out.module(x).shape == (16, 10)
+
+
+class FunctionalConvs(nn.Module):
+    """F.conv2d in the forms a model writes them: bias / no bias, groups (depthwise), stride, dilation,
+    numeric / 'same' / 'valid' padding; plus a 2x2 'same' conv (uneven padding) and a Conv1d, which stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3), nn.Parameter(torch.randn(8))
+        self.w2 = nn.Parameter(torch.randn(8, 1, 3, 3) * 0.3)
+        self.w3 = nn.Parameter(torch.randn(6, 8, 2, 2) * 0.3)
+        self.w4 = nn.Parameter(torch.randn(6, 6, 2, 2) * 0.3)
+        self.conv1d = nn.Conv1d(6, 4, 3)
+
+    def forward(self, x):
+        y = torch.relu(F.conv2d(x, self.w1, self.b1, 1, 1))
+        y = torch.relu(F.conv2d(y, self.w2, None, 1, "same", 2, 8))
+        y = F.conv2d(y, self.w3, stride=(2, 1), padding="valid")
+        y = F.conv2d(y, self.w4, padding="same")
+        return self.conv1d(y.flatten(2))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_functional_convs_lower_with_their_geometry(frontend):
+    torch.manual_seed(0)
+    model = FunctionalConvs().eval()
+    x = torch.randn(2, 3, 9, 10)
+    program = set_calibration_data(slimfx.trace(model, (x,), frontend=frontend),
+                                   [torch.randn(2, 3, 9, 10) for _ in range(3)])
+    report = check_contract(PIPELINES[1], program, extra_inputs=[(torch.randn(2, 3, 9, 10),)])
+    run, out = report.runs[-1], report.result
+    convs = _modules(out, Int8Conv2d)
+    assert [(c.geometry.stride, c.geometry.padding, c.geometry.dilation, c.geometry.groups, c.bias is not None)
+            for c in convs] == [((1, 1), (1, 1), (1, 1), 1, True), ((1, 1), (2, 2), (2, 2), 8, False),
+                                ((2, 1), (0, 0), (1, 1), 1, False)]
+    assert {(c.mode, c.act_bits) for c in convs} == {("static_per_tensor", 7)}
+    assert any("pads unevenly" in note for note in run.notes) and any("1-d conv" in note for note in run.notes)
+    assert run.max_abs_diff <= run.bound and math.isfinite(run.bound)
+    state = out.module.state_dict()
+    assert all(state[k].dtype == torch.int8 for k in state if k.endswith("weight_int8"))
+    assert sum(k.endswith("weight_int8") for k in state) == 3
 
 
 def test_layers_that_cannot_be_lowered_stay_and_are_noted():
     torch.manual_seed(0)
     program = slimfx.trace(DigitsMLP().eval(), (torch.rand(4, 64),))
     out = slimfx.run_pipeline(program, "quant-insert{weights=int4-group32},lower-int8")
-    assert not _int8_modules(out)
-    assert any("int8-per-channel-sym" in n for n in out.log[-1].notes)
+    assert not _modules(out)
+    assert any("symmetric per-channel integer weights" in n for n in out.log[-1].notes)
     out = slimfx.run_pipeline(program, "quant-insert,lower-int8")  # activations not calibrated
-    assert not _int8_modules(out) and any("calibrate" in n for n in out.log[-1].notes)
+    assert not _modules(out) and any("calibrate" in n for n in out.log[-1].notes)
+    out = slimfx.run_pipeline(program, "quant-insert{activations=none},lower-int8{activations=keep}")
+    assert not _modules(out) and any("activations=keep" in n for n in out.log[-1].notes)
+    out = slimfx.run_pipeline(program, "quant-insert{weights=int4-per-channel,activations=none},"
+                                       "lower-int8{activations=dynamic-per-tensor}")
+    assert {m.mode for m in _modules(out)} == {"dynamic_per_tensor"}
+    assert all(int(m.weight_int8.abs().max()) <= 7 for m in _modules(out))  # int4 codes, stored as int8
+
+
+def test_lowered_cnn_artifact_reloads_bit_for_bit(tmp_path):
+    model, inputs = get_model("digits-cnn")
+    pipeline = "fold-bn,quant-insert{activations=int7-per-tensor},calibrate{progress=false},lower-int8"
+    out = slimfx.compress(model, pipeline, inputs, calib_data=[torch.rand(8, 1, 8, 8) for _ in range(2)])
+    assert len(_modules(out.program, Int8Conv2d)) == 4 and not out.program.nodes_of(OpKind.CONV)
+    slimfx.save(out, str(tmp_path))
+    back = slimfx.load(str(tmp_path), lambda: get_model("digits-cnn")[0])
+    assert [(m.act_bits, m.mode) for m in _modules(back.program, Int8Conv2d)] == [(7, "static_per_tensor")] * 4
+    state = back.program.module.state_dict()
+    assert {str(state[k].dtype) for k in state if k.endswith("weight_int8")} == {"torch.int8"}
+    fresh = torch.rand_like(inputs[0])
+    assert torch.equal(out(*inputs), back(*inputs)) and torch.equal(out(fresh), back(fresh))
