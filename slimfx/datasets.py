@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimfx.ir.modes import eval_mode
+
 
 @dataclass(frozen=True)
 class Split:
@@ -61,8 +63,6 @@ def train_classifier(model: nn.Module, data: Split, epochs: int = 10, lr: float 
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Split) -> float:
     """Top-1 accuracy in percent."""
-    was_training = model.training
-    model.eval()
-    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in data.batches(512))
-    model.train(was_training)
+    with eval_mode(model):
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in data.batches(512))
     return 100.0 * correct / len(data.y)

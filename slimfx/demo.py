@@ -23,6 +23,7 @@ from slimfx.frontend.layer_report import compare_layers
 from slimfx.frontend.layer_report import latency_ms as _latency_ms
 from slimfx.frontend.report import plot_layers, plot_stages, render_layers
 from slimfx.frontend.trace import trace
+from slimfx.ir.modes import set_training
 from slimfx.ir.program import Program
 from slimfx.passes.distill.trainer import distill
 from slimfx.passes.manager import run_pipeline
@@ -65,7 +66,7 @@ def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 15, warmup: int
 
 
 def _measure(name: str, model: nn.Module | Program, test: Split, out_dir: str, pipeline: str = "") -> Stage:
-    module = _module(model).eval()
+    module = set_training(_module(model), False)
     path = os.path.join(out_dir, f"{name}.safetensors")
     state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
     save_file(state, path)

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from slimfx.errors import SlimfxError
+from slimfx.ir.modes import set_training
 from slimfx.ir.program import Program
 from slimfx.kernels.modules import KERNEL_MODULES
 from slimfx.passes.quant.fake_quant import FakeQuantize, fake_quant_nodes
@@ -162,7 +163,7 @@ def export_qdq(program: Program, path: str | os.PathLike, opset: int = 17, *,
         raise QDQExportError(f"export_qdq: the program holds lowered kernel modules ({', '.join(lowered[:3])}); "
                              "export the fake-quant program, before lower-int8")
     replacements = _replacements(program, opset, activation_dtype)
-    module = copy.deepcopy(program.module).eval()
+    module = set_training(copy.deepcopy(program.module), False)
     for target, qdq in replacements.items():
         module.set_submodule(target, qdq)
     inputs = tuple(program.example_inputs)

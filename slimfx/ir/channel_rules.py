@@ -8,6 +8,7 @@ coupling graph and the channel groups from them. Supporting a new op for structu
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,9 +68,16 @@ class Link:
     interleave: bool = False
 
     def pairs(self, size_a: int) -> tuple[torch.Tensor, torch.Tensor]:
-        fine = torch.arange(size_a * self.expand)
-        coarse = fine % size_a if self.interleave else torch.arange(size_a).repeat_interleave(self.expand)
-        return coarse, self.offset + fine
+        """(indices of ``a``, indices of ``b``) removed together, as two equal-length tensors (read only)."""
+        return _pairs(size_a, self.expand, self.offset, self.interleave)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pairs(size_a: int, expand: int, offset: int, interleave: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # most links of a model repeat a few (size, expand) combinations: build each index pair once
+    fine = torch.arange(size_a * expand)
+    coarse = fine % size_a if interleave else torch.arange(size_a).repeat_interleave(expand)
+    return coarse, offset + fine
 
 
 @dataclass

@@ -234,12 +234,13 @@ def _make_group(gid: int, program: Program, rules: _Rules, graph: nx.Graph, port
     # vectorised min-label propagation (a Python union-find over every channel was the analysis' hot spot)
     ends_a, ends_b = [], []
     if not missing:
-        for _, _, data in graph.subgraph(ports).edges(data=True):
-            link: Link = data["link"]
-            ia, ib = link.pairs(sizes[link.a])
-            if (ib.numel() and int(ib.max()) >= sizes[link.b]) or (link.covers and ib.numel() != sizes[link.b]):
+        # every edge incident to the component's ports lies inside it (it is a connected component)
+        for _, _, link in graph.edges(ports, data="link"):
+            count = sizes[link.a] * link.expand  # b's indices are offset .. offset + count - 1
+            if (count and link.offset + count > sizes[link.b]) or (link.covers and count != sizes[link.b]):
                 why.append(f"sizes of {link.a} ({sizes[link.a]}) and {link.b} ({sizes[link.b]}) do not match")
                 continue
+            ia, ib = link.pairs(sizes[link.a])
             ends_a.append(ia.long() + base[link.a])
             ends_b.append(ib.long() + base[link.b])
     labels = _components(total, ends_a, ends_b)

@@ -294,6 +294,7 @@ def remove_channels(program: Program, plan: ChannelPlan) -> dict[str, list[int]]
     nodes = {n.name: n for n in program.graph.nodes}
     reshapes: dict[str, dict[int, int]] = {}
     touched: dict[str, None] = {}
+    layers: dict[str, Layer] = {}  # a Layer per node, built once (a group touches each layer several times)
     before = {name: _out_channels(program, nodes[name]) for g in plan.groups if g.id in plan.keep
               for name in g.producers}
     for group in plan.groups:
@@ -304,7 +305,7 @@ def remove_channels(program: Program, plan: ChannelPlan) -> dict[str, list[int]]
             idx = group.kept_indices(port, mask)
             node = nodes[port.node]
             if isinstance(port, ParamDim):
-                layer = Layer(program, node)
+                layer = layers.get(port.node) or layers.setdefault(port.node, Layer(program, node))
                 layer.set(port.role, layer.tensor(port.role).index_select(port.dim, idx).clone())
                 touched[port.node] = None
             elif isinstance(port, GroupCount):

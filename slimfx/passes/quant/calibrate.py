@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from slimfx.errors import PassError
+from slimfx.ir.modes import set_training
 from slimfx.ir.program import Program
 from slimfx.passes.base import Contract, Pass, PassResult, register_pass
 from slimfx.passes.quant.fake_quant import fake_quant_nodes
@@ -81,7 +82,7 @@ class Calibrate(Pass):
         for _, module in pending:
             module.observing = True
         was_training = program.module.training
-        program.module.eval()
+        set_training(program.module, False)
         try:
             with torch.no_grad():
                 for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not self.options.progress):
@@ -89,7 +90,7 @@ class Calibrate(Pass):
         finally:
             for _, module in pending:
                 module.observing = False
-            program.module.train(was_training)
+            set_training(program.module, was_training)
         unseen = [n.name for n, m in pending if not m.observer.observed]
         if unseen:
             raise PassError(f"calibrate: fake-quant nodes {', '.join(unseen)} saw no data in "

@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_leaves
 
 from slimfx.errors import PassError, PipelineError
 from slimfx.ir import ops
+from slimfx.ir.modes import set_training
 from slimfx.ir.ops import OpKind
 from slimfx.ir.program import Program
 from slimfx.passes.base import Contract, Pass, PassResult, register_pass
@@ -162,7 +163,7 @@ def fake_quant_sensitivity(program: Program, batches: list[Any]) -> list[tuple[Q
     layers = quantized_layers(program)
     fake_quants = {n for n, _ in fake_quant_nodes(program.module, program.graph)}
     was_training = program.module.training
-    program.module.eval()
+    set_training(program.module, False)
     try:
         with torch.no_grad():
             modules = _float_calibrated_copies(program, fake_quants, batches)
@@ -172,7 +173,7 @@ def fake_quant_sensitivity(program: Program, batches: list[Any]) -> list[tuple[Q
                 quantized = [t for b in batches for t in _run(program, fake_quants, layer.node, modules, b)]
                 scored.append((layer, sqnr_db(reference, quantized)))
     finally:
-        program.module.train(was_training)
+        set_training(program.module, was_training)
     return sorted(scored, key=lambda pair: pair[1])
 
 

@@ -28,6 +28,7 @@ from torch import fx
 
 from slimfx.errors import PipelineError
 from slimfx.ir.layer import Layer
+from slimfx.ir.modes import set_training
 from slimfx.ir.ops import OpKind, data_input
 from slimfx.ir.program import Program
 from slimfx.passes.base import Contract, Pass, PassResult, register_pass
@@ -73,13 +74,13 @@ def activation_channel_max(program: Program, nodes: set[fx.Node], batches: list[
     """Per node, max |value| per last-dim channel over ``batches`` (a batch: a tensor or a tuple of inputs)."""
     interpreter = _ChannelMax(program.module, nodes)
     was_training = program.module.training
-    program.module.eval()
+    set_training(program.module, False)
     try:
         with torch.no_grad():
             for batch in batches:
                 interpreter.run(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
     finally:
-        program.module.train(was_training)
+        set_training(program.module, was_training)
     return interpreter.maxima
 
 
