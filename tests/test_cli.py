@@ -180,7 +180,7 @@ def test_demo_trains_distills_prunes_quantizes_and_reports(capsys, tmp_path):
     code, out, err = run(capsys, "demo", "--out", str(tmp_path))
     assert code == 0, err
     stages = json.loads((tmp_path / "report.json").read_text())
-    assert [s["stage"] for s in stages] == ["teacher", "distilled student", "pruned 50% + KD", "int8 (linear lowered)",
+    assert [s["stage"] for s in stages] == ["teacher", "distilled student", "pruned 50% + KD", "int8 (lowered)",
                                             "reloaded artifact"]
     assert all(s["accuracy"] > 90 for s in stages)
     assert stages[-1]["accuracy"] == stages[-2]["accuracy"] and (tmp_path / "artifact" / "manifest.json").is_file()

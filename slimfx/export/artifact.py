@@ -26,6 +26,7 @@ from slimfx.frontend.api import Compressed
 from slimfx.frontend.trace import trace
 from slimfx.ir.program import Program
 from slimfx.passes.manager import run_pipeline
+from slimfx.passes.pipeline import Pipeline
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
@@ -97,6 +98,13 @@ def _read_weights(directory: str, manifest: dict[str, Any]) -> dict[str, torch.T
         raise ArtifactError(f"{path} cannot be read: {exc}") from None
 
 
+def _structure_only(pipeline_text: str) -> Pipeline:
+    """The saved pipeline without its values-only passes (training): the saved tensors hold their result."""
+    from slimfx.passes.base import get_pass
+
+    return Pipeline([spec for spec in Pipeline.parse(pipeline_text) if not get_pass(spec.name).values_only])
+
+
 def load(directory: str, model_factory: Callable[[], nn.Module]) -> Compressed:
     """Rebuild the compressed model saved in ``directory`` from ``model_factory()`` (the uncompressed
     architecture); its outputs are bit-identical to the saved model's."""
@@ -112,7 +120,8 @@ def load(directory: str, model_factory: Callable[[], nn.Module]) -> Compressed:
         program = trace(model.train(bool(manifest.get("training", False))), inputs, frontend=manifest["frontend"])
         # structure only: calibration reads zeros, qparams and weights are overwritten by the saved tensors
         program.calibration_data = [inputs]
-        program = run_pipeline(program, manifest["pipeline"], verify_each=False, check_numerics=False)
+        program = run_pipeline(program, _structure_only(manifest["pipeline"]), verify_each=False,
+                               check_numerics=False, inplace=True)
     except SlimfxError as exc:
         raise ArtifactError(f"replaying {manifest['pipeline']!r} on model_factory() failed: {exc}") from exc
     state = program.module.state_dict()

@@ -61,6 +61,9 @@ class Pass:
     Options: ClassVar[type] = NoOptions
     preserves: ClassVar[frozenset[str]] = frozenset()
     tolerance: ClassVar[tuple[float, float]] = (1e-5, 1e-6)
+    # True when the pass only changes tensor values, never the graph, shapes or module types (training):
+    # rebuilding an artifact (slimfx.load) skips it, since the saved tensors hold its result
+    values_only: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, **kwargs: Any):
         if options is not None and kwargs:

@@ -29,6 +29,19 @@ def test_saved_artifacts_reload_bit_for_bit(tmp_path, name, pipeline, calib):
     assert torch.equal(out(*inputs), back(*inputs)) and torch.equal(out(fresh), back(fresh))
 
 
+def test_a_pipeline_with_training_reloads_without_training_again(tmp_path):
+    # distill only changes values (values_only): load() rebuilds the structure without it, then loads the
+    # trained tensors, so no training data is needed to reload
+    model, inputs = get_model("digits-mlp")
+    x, y = torch.rand(64, 64), torch.randint(0, 10, (64,))
+    out = slimfx.compress(model, "prune-channels{sparsity=0.5},distill{epochs=1,batch_size=32}", inputs,
+                          train_data=(x, y))
+    assert [r.name for r in out.program.log] == ["prune-channels", "distill"]
+    slimfx.save(out, str(tmp_path))
+    back = slimfx.load(str(tmp_path), lambda: get_model("digits-mlp")[0])
+    assert torch.equal(out(x), back(x))
+
+
 @pytest.fixture
 def saved(tmp_path):
     model, inputs = get_model("digits-mlp")

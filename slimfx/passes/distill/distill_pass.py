@@ -95,6 +95,7 @@ class Distill(Pass):
     name = "distill"
     contract = Contract.CHANGES
     Options = DistillOptions
+    values_only = True  # trains the weights in place; slimfx.load rebuilds the structure without it
 
     def run(self, program: Program) -> PassResult:
         o = self.options
