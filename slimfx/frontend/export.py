@@ -7,7 +7,6 @@ parameters as attributes, so the same passes (which read weights through get_att
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ import torch.nn as nn
 
 from slimfx.errors import TraceError
 from slimfx.frontend.fx import user_source_line
+from slimfx.ir.copying import copy_module
 from slimfx.ir.program import Program
 
 
@@ -25,7 +25,7 @@ def trace_export(model: nn.Module, example_inputs: tuple, strict: bool = False) 
 
     The model is deep-copied first. Raises TraceError naming the cause and the source line.
     """
-    root = copy.deepcopy(model)
+    root = copy_module(model)
     try:
         with _quiet_torch():
             exported = torch.export.export(root, tuple(example_inputs), strict=strict)

@@ -8,7 +8,6 @@ source line, and what to do.
 
 from __future__ import annotations
 
-import copy
 import os
 import traceback
 from collections.abc import Iterable
@@ -19,6 +18,7 @@ import torch.nn as nn
 from torch import fx
 
 from slimfx.errors import TraceError
+from slimfx.ir.copying import copy_module
 from slimfx.ir.program import LeafRecord, Program
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -73,7 +73,7 @@ def trace_fx(
     qualified submodule names kept opaque from the start. Raises TraceError when the top-level forward
     cannot be traced.
     """
-    root = copy.deepcopy(model)
+    root = copy_module(model)
     leaves = set(leaf_modules)
     records = [LeafRecord(q, "marked as a leaf by the caller") for q in sorted(leaves)]
     budget = max_leaves if max_leaves is not None else sum(1 for _ in root.modules())

@@ -60,6 +60,8 @@ class Program:
         if self.dialect not in DIALECTS:
             raise ValueError(f"dialect must be one of {DIALECTS}, got {self.dialect!r}")
         self.example_inputs = tuple(self.example_inputs)
+        if self._compiled is None:  # a GraphModule's code is compiled from its graph when it is built
+            self._compiled = _code_fingerprint(self.graph)
 
     @property
     def graph(self) -> fx.Graph:

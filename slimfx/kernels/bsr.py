@@ -110,3 +110,19 @@ def to_torch_bsr(w: BSRWeight) -> torch.Tensor:
         warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
         return torch.sparse_bsr_tensor(w.crow_indices, w.col_indices, w.values, size=w.shape,
                                        dtype=w.values.dtype, device=w.values.device, check_invariants=False)
+
+
+def to_torch_csr(w: BSRWeight) -> torch.Tensor:
+    """The weight as a ``torch.sparse_csr`` tensor with int32 indices (zeros inside stored blocks dropped).
+
+    int32 because that is MKL's (LP64) index type: torch converts int64 indices, ``to_sparse_csr``'s
+    default, to int32 on every matmul call, a copy of all ``nnz`` column indices.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        csr = bsr_to_dense(w).to_sparse_csr()
+        if csr.values().numel() >= 2**31:
+            return csr  # int32 cannot index it; torch keeps int64 and converts per call
+        return torch.sparse_csr_tensor(csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32),
+                                       csr.values(), size=w.shape, dtype=w.values.dtype,
+                                       device=w.values.device, check_invariants=False)

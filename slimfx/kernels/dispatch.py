@@ -18,6 +18,7 @@ candidate without measuring; ``triton`` on CPU tensors runs the Triton interpret
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -64,8 +65,9 @@ class Choice:
 # ------------------------------------------------------------------ machine, keys, cache file
 
 
+@functools.cache
 def cpu_model() -> str:
-    """The CPU model string (``model name`` in /proc/cpuinfo, else platform.processor())."""
+    """The CPU model string (``model name`` in /proc/cpuinfo, else platform.processor()); read once."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -305,7 +307,9 @@ def _measure(family: str, machine: str, bucket: str, m_full: int,
                   rejected=rejected)
 
 
-def _lookup_or_measure(family: str, bucket: str, measure: Callable[[str], Choice]) -> Choice:
+def _lookup_or_measure(family: str, bucket: str, measure: Callable[[str], Choice],
+                       is_current: Callable[[Choice], bool] | None = None) -> Choice:
+    """The in-memory choice, else the disk cache's (if ``is_current`` accepts it), else a fresh measurement."""
     machine = machine_id()
     key = _key(family, machine, bucket)
     with _lock:
@@ -315,7 +319,8 @@ def _lookup_or_measure(family: str, bucket: str, measure: Callable[[str], Choice
         entry = _read_cache_file().get(key)
         choice = _choice_from_json(entry) if isinstance(entry, dict) else None
         if choice is None or choice.choice not in _candidates(family) or \
-                not _candidates(family)[choice.choice].is_available():
+                not _candidates(family)[choice.choice].is_available() or \
+                (is_current is not None and not is_current(choice)):
             choice = measure(machine)
             _write_cache_entry(key, choice)
         _memory[key] = choice
@@ -465,8 +470,15 @@ def select_bsr_kernel(m: int, n: int, k: int, block: tuple[int, int], density: f
     if device.type != "cpu":
         return "triton"
     bucket = bsr_bucket(m, n, k, block, density, dtype)
-    return _lookup_or_measure("bsr", bucket,
-                              lambda _machine: measure_bsr(m, n, k, block, density, dtype)).choice
+    return _lookup_or_measure("bsr", bucket, lambda _machine: measure_bsr(m, n, k, block, density, dtype),
+                              _bsr_choice_weighed_every_candidate).choice
+
+
+def _bsr_choice_weighed_every_candidate(choice: Choice) -> bool:
+    """A cached block-sparse choice stands only if every CPU candidate available now was timed or rejected
+    for it: a cache written before a candidate existed (``grouped_gemm``) is measured again."""
+    considered = set(choice.times_ms) | set(choice.rejected)
+    return all(name in considered for name in available_kernels("bsr") if name != "triton")
 
 
 def select_conv_kernel(x_shape: tuple[int, ...], w_shape: tuple[int, ...], geometry: ConvGeometry,

@@ -10,6 +10,8 @@ with any tracer; under FakeTensor / meta propagation they only compute the outpu
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 from torch import fx
@@ -293,7 +295,11 @@ class BlockSparseLinear(_KernelModule):
     State (buffers): ``crow_indices`` int32 [N/bh + 1], ``col_indices`` int32 [nnz_blocks], ``values``
     [nnz_blocks, bh, bw], ``bias`` [N] or None. Any kernel equals ``reference.bsr_linear_ref`` up to
     summation order (1e-4 x max|reference| in fp32). Loading a state_dict with a different number of
-    blocks resizes the buffers. The output has the input's dtype.
+    blocks resizes the buffers. The output has the input's dtype (on CPU often as a transposed view: the
+    kernels compute ``y^T`` row-major, the layout MKL and the grouped GEMMs are fast in).
+
+    ``forward`` asks the dispatcher once per M bucket, device and weight version, and converts the weight
+    for the chosen kernel once per weight version; a call with the same shape then only runs the kernel.
     """
 
     def __init__(self, in_features: int, out_features: int, block: tuple[int, int], nnz_blocks: int = 0,
@@ -308,6 +314,7 @@ class BlockSparseLinear(_KernelModule):
         self.register_buffer("col_indices", torch.zeros(nnz_blocks, dtype=torch.int32))
         self.register_buffer("values", torch.zeros(nnz_blocks, bh, bw, dtype=dtype))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self._kernel_choices: dict[tuple, str] = {}
         if kernel is not None:
             dispatch.forced_kernel("bsr", kernel)
 
@@ -334,6 +341,11 @@ class BlockSparseLinear(_KernelModule):
             module.bias.copy_(bias)
         return module
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_kernel_choices"] = {}  # keyed by the source tensors' addresses: meaningless in a copy
+        return state
+
     @property
     def weight(self) -> BSRWeight:
         return BSRWeight((self.out_features, self.in_features), self.block, self.crow_indices,
@@ -352,6 +364,23 @@ class BlockSparseLinear(_KernelModule):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
+    def _kernel_for(self, m: int, device: torch.device, token: tuple) -> str:
+        """The dispatcher's choice for ``m`` rows, asked once per (M bucket, device, weights, forcing).
+
+        Asking costs ~50-150 us (it reads /proc/cpuinfo for the machine key, formats the bucket, rebuilds
+        the weight's density), ~9% of a 256x1024x1024 layer at 90% sparsity.
+        """
+        key = (dispatch._round_up_pow2(m), device, token, self.kernel, os.environ.get("SLIMFX_KERNEL"))
+        name = self._kernel_choices.get(key)
+        if name is None:
+            if len(self._kernel_choices) >= 64:  # keys of old weight versions / devices pile up otherwise
+                self._kernel_choices.clear()
+            name = dispatch.select_bsr_kernel(m, self.out_features, self.in_features, self.block,
+                                              self.density, device=device, dtype=self.values.dtype,
+                                              kernel=self.kernel)
+            self._kernel_choices[key] = name
+        return name
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, fx.Proxy):
             return _record_leaf_call(self, x)
@@ -362,13 +391,10 @@ class BlockSparseLinear(_KernelModule):
         if _is_shape_only(x):
             return x.new_empty(*lead, self.out_features)
         x2d = x.reshape(-1, self.in_features)
-        w = self.weight
-        name = dispatch.select_bsr_kernel(x2d.shape[0], self.out_features, self.in_features, self.block,
-                                          w.density, device=x.device, dtype=self.values.dtype,
-                                          kernel=self.kernel)
         token = _version_token(self.crow_indices, self.col_indices, self.values, self.bias)
+        name = self._kernel_for(x2d.shape[0], x.device, token)
         prepared = self._prepared_for(name, token,
-                                      lambda: cpu_kernels.BSR_CANDIDATES[name].prepare(w, self.bias))
+                                      lambda: cpu_kernels.BSR_CANDIDATES[name].prepare(self.weight, self.bias))
         return prepared.run(x2d).to(x.dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -231,6 +231,55 @@ def test_bsr_candidates_match_reference(m, n_blocks, k_blocks, block, density, w
         assert cpu_kernels.relative_error(out, ref) <= cpu_kernels.BSR_TOLERANCE[torch.float32], name
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_grouped_gemm_cut_into_small_gathers_matches_reference(monkeypatch, with_bias):
+    # One row block per GEMM, and row blocks without stored blocks (bias only) next to full ones.
+    monkeypatch.setattr(cpu_kernels, "GATHER_BYTES", 1)
+    x, w, bias = _bsr_problem(7, 6, 5, (4, 2), 0.5, seed=3)
+    w = bsr.dense_to_bsr(bsr.bsr_to_dense(w) * (torch.arange(24) >= 4).unsqueeze(1), (4, 2))
+    bias = bias if with_bias else None
+    counts = (w.crow_indices[1:] - w.crow_indices[:-1]).tolist()
+    assert counts[0] == 0 and len(set(counts)) > 2
+    prepared = cpu_kernels.BSR_CANDIDATES["grouped_gemm"].prepare(w, bias)
+    assert prepared.unsort is not None  # rows are reordered by count and put back
+    assert cpu_kernels.relative_error(prepared.run(x), reference.bsr_linear_ref(x, w, bias)) <= 1e-5
+    assert prepared.run(x[:0]).shape == (0, 24)
+
+
+@pytest.mark.parametrize("name", ["torch_bsr", "torch_csr"])
+def test_torch_sparse_candidates_convert_no_indices_per_call(name):
+    # int64 indices (torch's default) make torch copy them to MKL's int32 on every matmul.
+    x, w, bias = _bsr_problem(8, 4, 4, (4, 4), 0.5, seed=1)
+    prepared = cpu_kernels.BSR_CANDIDATES[name].prepare(w, bias)
+    assert prepared.weight.crow_indices().dtype == prepared.weight.col_indices().dtype == torch.int32
+    with torch.profiler.profile() as prof:
+        prepared.run(x)
+    ops = {event.name for event in prof.events()}
+    assert "aten::_to_copy" not in ops, ops
+
+
+def test_bsr_cache_entry_without_a_newer_candidate_is_measured_again(monkeypatch):
+    dispatch.select_bsr_kernel(4, 16, 16, (4, 4), 0.5)
+    path = dispatch.cache_path()
+    data = json.loads(path.read_text())
+    (key, entry), = data["entries"].items()
+    assert "grouped_gemm" in entry["times_ms"]
+    # A cache written before grouped_gemm existed, which chose torch_csr.
+    entry["choice"] = "torch_csr"
+    entry["times_ms"] = {n: t for n, t in entry["times_ms"].items() if n != "grouped_gemm"}
+    path.write_text(json.dumps(data))
+    dispatch.clear_memory_cache()
+    calls = []
+    real = dispatch.measure_bsr
+    monkeypatch.setattr(dispatch, "measure_bsr", lambda *a, **k: calls.append(a) or real(*a, **k))
+    dispatch.select_bsr_kernel(4, 16, 16, (4, 4), 0.5)
+    assert len(calls) == 1
+    assert "grouped_gemm" in json.loads(path.read_text())["entries"][key]["times_ms"]
+    dispatch.clear_memory_cache()
+    dispatch.select_bsr_kernel(4, 16, 16, (4, 4), 0.5)  # the rewritten entry is complete: reused
+    assert len(calls) == 1
+
+
 def test_choice_is_cached_on_disk_and_reused(monkeypatch):
     act = ActQuant("dynamic_per_tensor")
     first = dispatch.select_int8_kernel(5, 32, 64, act)

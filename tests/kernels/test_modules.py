@@ -119,13 +119,49 @@ def test_loading_new_weights_reprepares_the_kernel():
 def test_block_sparse_linear_matches_reference_for_each_kernel():
     linear = _sparse_linear(64, 96, (16, 16), 0.4)
     x = torch.randn(2, 5, 96)
-    for kernel in ["auto", "dense", "torch_bsr", "torch_csr"]:
+    for kernel in ["auto", "dense", "torch_bsr", "torch_csr", "grouped_gemm"]:
         module = BlockSparseLinear.from_dense(linear, (16, 16), kernel=_kernel(kernel))
         ref = reference.bsr_linear_ref(x, module.weight, module.bias)
         y = module(x)
         assert y.shape == (2, 5, 64)
         assert cpu_kernels.relative_error(y, ref) <= 1e-4, kernel
         assert cpu_kernels.relative_error(y, linear(x).detach()) <= 1e-4, kernel
+
+
+def test_block_sparse_linear_dispatches_and_converts_its_weight_once(monkeypatch):
+    selects, prepared = [], []
+    real_select = dispatch.select_bsr_kernel
+    monkeypatch.setattr(dispatch, "select_bsr_kernel", lambda *a, **k: selects.append(a) or real_select(*a, **k))
+    for name, cand in cpu_kernels.BSR_CANDIDATES.items():
+        monkeypatch.setattr(cand, "prepare", lambda w, b, real=cand.prepare, name=name:
+                            prepared.append((name, w.values)) or real(w, b))
+    module = BlockSparseLinear.from_dense(_sparse_linear(32, 64, (8, 8), 0.3), (8, 8))
+
+    def conversions():  # of the module's own weight (measuring also prepares every candidate's probe)
+        return [name for name, values in prepared if values is module.values]
+
+    x = torch.randn(6, 64)
+    ys = [module(x) for _ in range(4)] + [module(x[:5])]  # 5 rows: the same M bucket as 6
+    assert len(selects) == 1 and conversions() == [module.last_kernel]
+    assert all(torch.equal(y, ys[0]) for y in ys[1:4]) and torch.equal(ys[4], ys[0][:5])
+    module(torch.randn(40, 64))  # a new M bucket: ask again; the weight is converted only for a new kernel
+    assert len(selects) == 2 and len(conversions()) == len(set(conversions()))
+    with torch.no_grad():
+        module.values.mul_(2)  # new weights: ask and convert again
+    assert torch.allclose(module(x), 2 * ys[0] - module.bias, atol=1e-5)
+    assert len(selects) == 3 and conversions()[-1] == module.last_kernel
+
+
+@pytest.mark.parametrize("kernel", ["dense", "torch_bsr", "torch_csr", "grouped_gemm"])
+def test_block_sparse_forward_copies_no_weight(kernel):
+    module = BlockSparseLinear.from_dense(_sparse_linear(32, 64, (8, 8), 0.3), (8, 8), kernel=kernel)
+    x = torch.randn(6, 64)
+    module(x)
+    with torch.profiler.profile() as prof:
+        module(x)
+    ops = {event.name for event in prof.events()}
+    conversions = {op for op in ops if op == "aten::_to_copy" or "to_sparse" in op or "to_dense" in op}
+    assert not conversions, conversions
 
 
 def test_block_sparse_state_dict_round_trip_resizes_blocks(tmp_path):
