@@ -53,6 +53,12 @@ def _reduce_except(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     return tensor.movedim(dim, 0).reshape(tensor.shape[dim], -1).sum(1)
 
 
+def _lp_sum_except(tensor: torch.Tensor, dim: int, p: int) -> torch.Tensor:
+    """sum |x|^p (p = 1 or 2) over every dim but ``dim``, accumulated in float64 (no float64 copy)."""
+    rows = tensor.movedim(dim, 0).reshape(tensor.shape[dim], -1)
+    return (rows.abs() if p == 1 else rows.square()).sum(1, dtype=torch.float64)
+
+
 class Magnitude:
     """The Lp norm (p = 1 or 2) of every weight slice a unit owns, producers and consumers together."""
 
@@ -62,8 +68,8 @@ class Magnitude:
     def score(self, program: Program, group: ChannelGroup) -> torch.Tensor:
         total = torch.zeros(group.size, dtype=torch.float64)
         for port, tensor in _weight_ports(program, group):
-            total += _per_unit(group, port, _reduce_except(tensor.double().abs().pow(self.p), port.dim))
-        return total.pow(1.0 / self.p)
+            total += _per_unit(group, port, _lp_sum_except(tensor, port.dim, self.p))
+        return total if self.p == 1 else total.pow(1.0 / self.p)
 
 
 class BatchNormScale:
