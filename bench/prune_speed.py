@@ -80,7 +80,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(machine_line())
     print(f"torch threads: {torch.get_num_threads()}; batch {args.batch}; sparsity {args.sparsity}\n")
-    print("| model | tool | time to prune s | params ratio | MACs ratio | latency ms (dense -> pruned) "
+    print("| model | tool | time to prune ms | params ratio | MACs ratio | latency ms (dense -> pruned) "
           "| latency ratio |")
     print("|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
@@ -102,11 +102,11 @@ def main() -> None:
                 macs, params = count(pruned, inputs[0])
                 ms = latency_ms(pruned, x, args.repeats)
             except Exception as exc:  # a pruned model that no longer runs is a result too
-                print(f"| {name} | {tool} | {seconds:.2f} | pruned model fails to run: {type(exc).__name__}: "
+                print(f"| {name} | {tool} | {seconds * 1e3:.1f} | pruned model fails to run: {type(exc).__name__}: "
                       f"{str(exc)[:70]} | | | |")
                 continue
             dense_ms = min(dense_ms, latency_ms(model, x, args.repeats))  # re-measured: the machine drifts
-            print(f"| {name} | {tool} | {seconds:.2f} | {params / dense_params:.3f} | {macs / dense_macs:.3f} | "
+            print(f"| {name} | {tool} | {seconds * 1e3:.1f} | {params / dense_params:.3f} | {macs / dense_macs:.3f} | "
                   f"{dense_ms:.2f} -> {ms:.2f} | {ms / dense_ms:.3f} |", flush=True)
 
 
