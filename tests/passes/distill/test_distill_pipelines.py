@@ -18,7 +18,7 @@ import slimfx
 from slimfx.datasets import accuracy, load_digits, train_classifier
 from slimfx.frontend.recipe import load_recipe
 from slimfx.ir.ops import OpKind
-from slimfx.kernels import Int8Linear
+from slimfx.kernels import Int8Conv2d, Int8Linear
 from slimfx.zoo import DigitsCNN
 
 RECIPES = Path(__file__).resolve().parents[3] / "examples" / "recipes"
@@ -96,7 +96,9 @@ def test_int8_qat_kd_recipe_lowers_to_int8_kernels_near_the_float_teacher(teache
     names = [p["name"] for p in out.report["passes"]]
     assert names.index("qat-prepare") < names.index("distill") < names.index("qat-freeze") < names.index("lower-int8")
     lowered = [m for m in out.module.modules() if isinstance(m, Int8Linear)]
-    assert len(lowered) == 1  # the classifier; the convs stay fake-quantized
+    assert len(lowered) == 1  # the classifier
+    convs = [m for m in out.module.modules() if isinstance(m, Int8Conv2d)]
+    assert len(convs) == 4 and all(m.act_bits == 7 for m in convs)  # every conv, with 7-bit activation codes
     qat_acc = accuracy(out.module, test)
     print(f"\nteacher {teacher_acc:.2f}%; int8 QAT + KD, lowered: {qat_acc:.2f}%")
     assert qat_acc >= teacher_acc - 1.0, (teacher_acc, qat_acc)
