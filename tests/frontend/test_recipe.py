@@ -106,7 +106,7 @@ def test_distill_stage_takes_the_pass_options_or_its_defaults():
      "canonicalize,prune-channels{sparsity=0.5,importance=l1},"
      "distill{epochs=10,lr=0.003,schedule=cosine,temperature=4.0,alpha=0.5}"),
     ("digits-qat-kd-int8.yaml", ["cleanup", "quant", "passes", "distill", "passes", "lower"],
-     "canonicalize,fold-bn,quant-insert{weights=int8-per-channel,activations=int8-per-tensor},"
+     "canonicalize,fold-bn,quant-insert{weights=int8-per-channel,activations=int7-per-tensor},"
      "calibrate{batches=8,progress=false},qat-prepare,distill{epochs=3,lr=0.001,temperature=4.0,alpha=0.9},"
      "qat-freeze,lower-int8"),
 ])
