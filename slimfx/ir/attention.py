@@ -35,7 +35,14 @@ def _call_args(node: fx.Node) -> dict:
 
 def why_not_decomposable(program: Program, node: fx.Node) -> str | None:
     """Why the nn.MultiheadAttention called by ``node`` cannot be written out, or None when it can."""
-    mha = program.module.get_submodule(str(node.target))
+    target = str(node.target)
+    mha = program.module.get_submodule(target)
+    if not isinstance(mha, nn.MultiheadAttention):
+        return "it was already written out"
+    for other in program.graph.nodes:
+        if other is not node and other.op in ("call_module", "get_attr") and (
+                other.target == target or str(other.target).startswith(target + ".")):
+            return f"%{other.name} also uses it (the module is called twice, or its tensors are read)"
     args = _call_args(node)
     if mha.bias_k is not None or mha.add_zero_attn:
         return "it uses add_bias_kv or add_zero_attn"

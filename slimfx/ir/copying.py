@@ -10,6 +10,7 @@ immutable scalars, and deep-copies everything else. Module classes that customis
 
 from __future__ import annotations
 
+import collections
 import copy
 from typing import Any
 
@@ -48,7 +49,7 @@ def _copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
             state[key] = {name: _copy_tensor(t, memo) for name, t in value.items()}
         elif type(value) in _SHARED:
             state[key] = value
-        elif isinstance(value, dict) and not value:
+        elif type(value) in (dict, collections.OrderedDict) and not value:  # hook dicts (not defaultdicts)
             state[key] = type(value)()
         else:
             state[key] = copy.deepcopy(value, memo)

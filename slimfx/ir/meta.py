@@ -69,12 +69,20 @@ def _to_meta(value: Any) -> Any:
     return value
 
 
-def _conv_spatial(conv: nn.Module, sizes: tuple[int, ...]) -> tuple[int, ...] | None:
-    """Output spatial sizes of a zero/same-size padded conv, or None (string padding: let meta compute)."""
+def _has_hooks(module: nn.Module) -> bool:
+    """Forward (pre-)hooks, the module's own or global ones, can change what the layer sees or returns."""
+    from torch.nn.modules import module as module_mod
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module_mod._global_forward_hooks
+                or module_mod._global_forward_pre_hooks)
+
+
+def _conv_spatial(conv: nn.Module, sizes: tuple[int, ...], kernel: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Output spatial sizes of a zero-padded conv, or None (string padding: let meta compute)."""
     if isinstance(conv.padding, str):
         return None
     out = []
-    for size, k, s, p, d in zip(sizes, conv.kernel_size, conv.stride, conv.padding, conv.dilation):
+    for size, k, s, p, d in zip(sizes, kernel, conv.stride, conv.padding, conv.dilation):
         length = (size + 2 * p - d * (k - 1) - 1) // s + 1
         if length < 1:
             return None  # let the meta kernel raise its own error
@@ -145,17 +153,21 @@ class _FakeProp(fx.Interpreter):
 
     def _module_on_meta(self, n: fx.Node, args: tuple, kwargs: dict) -> torch.Tensor | None:
         sub = find_submodule(self.module, n.target)
-        if type(sub) not in _META_MODULES or kwargs or len(args) != 1:
+        if type(sub) not in _META_MODULES or kwargs or len(args) != 1 or _has_hooks(sub):
             return None
-        x = args[0]
-        if x.dtype != sub.weight.dtype:
+        x, w = args[0], sub.weight
+        if not isinstance(x, torch.Tensor) or x.dtype != w.dtype or x.dim() < 1:
             return None
         if type(sub) is nn.Linear:  # closed form: meta linear on a 3-D input still costs ~0.9 ms
-            return torch.empty((*x.shape[:-1], sub.out_features), dtype=x.dtype, device="meta")
-        spatial = _conv_spatial(sub, tuple(x.shape[-len(sub.kernel_size):]))
-        if spatial is None or x.dim() != len(sub.kernel_size) + 2 or x.shape[1] != sub.in_channels:
-            return sub._conv_forward(_to_meta(x), _to_meta(sub.weight), _to_meta(sub.bias))
-        return torch.empty((x.shape[0], sub.out_channels, *spatial), dtype=x.dtype, device="meta")
+            if w.dim() != 2 or x.shape[-1] != w.shape[1]:
+                return None  # let FakeTensorMode report the mismatch
+            return torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype, device="meta")
+        if x.dim() != w.dim() or x.shape[1] != w.shape[1] * sub.groups:
+            return None
+        spatial = _conv_spatial(sub, tuple(x.shape[2:]), tuple(w.shape[2:]))
+        if spatial is None:
+            return sub._conv_forward(_to_meta(x), _to_meta(w), _to_meta(sub.bias))
+        return torch.empty((x.shape[0], w.shape[0], *spatial), dtype=x.dtype, device="meta")
 
     @staticmethod
     def _broadcast(n: fx.Node, args: tuple, kwargs: dict, tensors: list) -> torch.Tensor | None:

@@ -149,8 +149,11 @@ class Program:
 
 def _code_fingerprint(graph: fx.Graph) -> tuple | None:
     """Everything the generated forward depends on: node names, ops, targets and arguments, in order."""
+    def typed(value: Any) -> Any:  # 1, 1.0 and True are == in Python but generate different code
+        return fx.node.map_aggregate(value, lambda a: a if isinstance(a, fx.Node) else (type(a), a))
+
     return (id(graph), id(graph._codegen),
-            tuple((n.name, n.op, n.target, n.args, n.kwargs) for n in graph.nodes))
+            tuple((n.name, n.op, n.target, typed(n.args), typed(n.kwargs)) for n in graph.nodes))
 
 
 def _map_nodes(value: Any, fn) -> Any:

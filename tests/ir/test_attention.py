@@ -85,3 +85,28 @@ def test_what_cannot_be_written_out_is_kept_whole_with_a_reason(case, reason):
     assert reason in why_not_decomposable(program, node)
     result = slimfx.run_pipeline(program, "decompose-attention", check_numerics=case != "dropout")
     assert result.nodes_of(OpKind.MULTIHEAD_ATTENTION) and reason in result.log[-1].notes[0]
+
+
+@pytest.mark.parametrize("case", ["called twice", "tensor read"])
+def test_shared_or_read_attention_is_kept_whole_and_pruning_still_runs(case):
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.attn, self.head = nn.Linear(3, 8), nn.MultiheadAttention(8, 2, batch_first=True), \
+                nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.attn(*(self.inp(x),) * 3, need_weights=False)[0]
+            if case == "called twice":
+                h = self.attn(h, h, h, need_weights=False)[0]
+            out = self.head(h).mean(1)
+            return out + self.attn.in_proj_bias.sum() if case == "tensor read" else out
+
+    model = Shared().eval()
+    program = slimfx.trace(model, _x())
+    for pipeline in ("decompose-attention", "prune-channels{sparsity=0.5}"):
+        result = slimfx.run_pipeline(program, pipeline)
+        assert result.nodes_of(OpKind.MULTIHEAD_ATTENTION)
+        assert any("also uses it" in note for note in result.log[-1].notes)
+        torch.testing.assert_close(result.module(_x()), model(_x()), rtol=1e-5, atol=1e-6) \
+            if pipeline == "decompose-attention" else None

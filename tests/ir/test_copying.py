@@ -71,3 +71,13 @@ def test_modules_with_their_own_copy_rules_are_copied_by_them():
     x = torch.randn(1, 2)
     assert torch.equal(c(x), outer(x))
     assert torch.equal(copy_module(outer)(x), copy.deepcopy(outer)(x))
+
+
+def test_non_empty_and_special_dicts_are_deep_copied():
+    import collections
+
+    m = nn.Linear(2, 2)
+    m.cache = collections.defaultdict(list)
+    c = copy_module(m)
+    c.cache["k"].append(1)  # the factory survives the copy
+    assert c.cache["k"] == [1] and "k" not in m.cache

@@ -122,7 +122,7 @@ def _drop_unused(program: Program, leftovers: list) -> None:
             used = {str(n.target) for n in program.graph.nodes if n.op in ("call_module", "get_attr")}
         else:
             target = str(item)
-        if target in used:
+        if any(u == target or u.startswith(target + ".") for u in used):  # e.g. forward reads bn.weight
             continue
         owner, _, name = target.rpartition(".")
         parent = program.module.get_submodule(owner) if owner else program.module

@@ -181,3 +181,20 @@ def test_dce_removes_dead_pure_nodes_and_unused_modules():
     out = slimfx.run_pipeline(program, "dce")
     assert out.log[0].stats == {"nodes_removed": 2, "modules_removed": 1}
     assert not hasattr(out.module, "unused")
+
+
+def test_fold_bn_keeps_a_norm_whose_tensors_forward_still_reads():
+    class ReadsGamma(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.bn.weight.view(1, -1, 1, 1)
+
+    model = randomize_bn(ReadsGamma()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    out = slimfx.run_pipeline(slimfx.trace(model, x), "fold-bn")
+    assert out.log[0].stats == {"folded": 1} and "bn.weight" in out.module.state_dict()
+    torch.testing.assert_close(out(x), model(x), rtol=1e-4, atol=1e-5)
+

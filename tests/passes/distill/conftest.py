@@ -1,4 +1,5 @@
-"""Shared by the distill tests: a trained DigitsMLP teacher (trained once per session, never mutated)."""
+"""Shared by the distill tests: one intra-op thread, and a trained DigitsMLP teacher (trained once per
+session, never mutated)."""
 
 import pytest
 import torch
@@ -21,3 +22,18 @@ def mlp_teacher():
     finally:
         torch.set_num_threads(threads)
     return teacher, train, test
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: float results do not depend on the core count (the accuracy thresholds are met by
+    a margin of a few test examples), and a busy 2-core machine runs these tests faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def digits(mlp_teacher):
+    return mlp_teacher

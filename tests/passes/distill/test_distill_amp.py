@@ -14,19 +14,6 @@ from slimfx.passes.distill.trainer import autocast_dtype, distill
 from slimfx.zoo import DigitsMLP
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def digits(one_thread, mlp_teacher):
-    return mlp_teacher
-
-
 def _student_with_dtype_probe() -> tuple[torch.nn.Module, list[torch.dtype]]:
     """A fresh DigitsMLP(hidden=32) whose first layer records its output dtypes (copies share the hook)."""
     with torch.random.fork_rng():

@@ -7,7 +7,6 @@
    automatically paired stage features; the pruned stages have half the channels, so 1x1 conv adapters).
 """
 
-import pytest
 import torch
 import torch.nn as nn
 
@@ -33,14 +32,6 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: float results then do not depend on the machine's core count (and a 2-core
-    machine runs this faster than with contended threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_distillation_beats_labels_alone_and_recovers_a_pruned_teacher(one_thread):

@@ -11,20 +11,6 @@ from slimfx.ir.ops import OpKind
 from slimfx.passes.prune.masks import MASK_SUFFIX
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: results do not depend on the core count, and a busy 2-core machine is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def digits(one_thread, mlp_teacher):
-    return mlp_teacher
-
-
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 

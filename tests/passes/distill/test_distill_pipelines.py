@@ -24,14 +24,6 @@ from slimfx.zoo import DigitsCNN
 RECIPES = Path(__file__).resolve().parents[3] / "examples" / "recipes"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: float results do not depend on the core count (the thresholds below are met by
-    a margin of a few test examples), and a busy 2-core machine runs this faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
