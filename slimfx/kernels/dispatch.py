@@ -274,6 +274,7 @@ def _measure(family: str, machine: str, bucket: str, m_full: int,
              ref_check: torch.Tensor, tolerance: float, candidates: Iterable[str]) -> Choice:
     times: dict[str, float] = {}
     rejected: dict[str, str] = {}
+    runners: dict[str, object] = {}
     table = _candidates(family)
     for name in candidates:
         cand = table[name]
@@ -300,11 +301,33 @@ def _measure(family: str, machine: str, bucket: str, m_full: int,
                               f"{2 * PILOT_ROWS}-row runs vs {min(times.values()):.2f} ms best")
             continue
         times[name] = round(_best_ms(lambda p=prepared: p.run(x_full), TIME_BUDGET_S), 4)
+        runners[name] = prepared
     if not times:
         raise KernelError(f"no {family} kernel is correct on this machine for {bucket}: {rejected}")
+    _confirm_finalists(times, runners, x_full)
     choice = min(times, key=times.__getitem__)
     return Choice(family=family, machine=machine, bucket=bucket, choice=choice, times_ms=times,
                   rejected=rejected)
+
+
+def _confirm_finalists(times: dict[str, float], runners: dict[str, object], x_full: torch.Tensor) -> None:
+    """Re-time the two fastest candidates alternately (a, b, a, b, ...) and keep each one's best time.
+
+    Each candidate was first timed in its own window, so a burst of load from another process could land
+    on one of them only and flip the choice (seen: oneDNN picked at 146 ms over fbgemm's 109 ms); runs that
+    alternate see the same load. Bounded by TIME_BUDGET_S in all.
+    """
+    if len(times) < 2:
+        return
+    finalists = sorted(times, key=times.__getitem__)[:2]
+    deadline = time.perf_counter() + TIME_BUDGET_S
+    for _ in range(MAX_TIMED_RUNS):
+        for name in finalists:
+            t0 = time.perf_counter()
+            runners[name].run(x_full)
+            times[name] = round(min(times[name], (time.perf_counter() - t0) * 1e3), 4)
+        if time.perf_counter() > deadline:
+            return
 
 
 def _lookup_or_measure(family: str, bucket: str, measure: Callable[[str], Choice],

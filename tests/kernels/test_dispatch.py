@@ -404,3 +404,23 @@ def test_choice_table_lists_measured_choices():
     assert {r["family"] for r in rows} == {"int8", "bsr"}
     text = dispatch.main_table(shapes=[(2, 16, 16)])
     assert text.startswith("CPU: ") and "| int8 | M2 N16 K16 float32 dynamic_per_token |" in text
+
+
+def test_finalists_are_retimed_alternately_so_a_load_burst_cannot_pick_the_slower_kernel():
+    import time as _time
+
+    from slimfx.kernels.dispatch import _confirm_finalists
+
+    class Sleeper:
+        def __init__(self, seconds):
+            self.seconds = seconds
+
+        def run(self, x):
+            _time.sleep(self.seconds)
+
+    # "fast" was first timed during a burst of load (50 ms for a 5 ms kernel); "slow" really takes 20 ms
+    times = {"fast": 50.0, "slow": 20.0, "slower": 80.0}
+    runners = {"fast": Sleeper(0.005), "slow": Sleeper(0.02), "slower": Sleeper(0.08)}
+    _confirm_finalists(times, runners, torch.zeros(1))
+    assert min(times, key=times.__getitem__) == "fast" and times["fast"] < 20.0
+    assert times["slower"] == 80.0  # only the two finalists are re-run
