@@ -12,7 +12,7 @@ import functools
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx
@@ -23,16 +23,16 @@ from slimfx.ir.ops import OpKind, data_input
 from slimfx.ir.program import Program
 
 
-@dataclass(frozen=True)
-class TensorDim:
+# Ports are NamedTuples, not dataclasses: the analysis hashes them ~10^4 times per model, and a tuple's hash
+# runs in C (a frozen dataclass's __hash__ is Python). Field types keep the three kinds from comparing equal.
+class TensorDim(NamedTuple):
     """Dim ``dim`` of node ``node``'s output (for ops returning a tuple: of its primary output)."""
 
     node: str
     dim: int
 
 
-@dataclass(frozen=True)
-class ParamDim:
+class ParamDim(NamedTuple):
     """Dim ``dim`` of the tensor in role ``role`` (weight, bias, running_mean, ...) of layer node ``node``."""
 
     node: str
@@ -40,8 +40,7 @@ class ParamDim:
     dim: int
 
 
-@dataclass(frozen=True)
-class GroupCount:
+class GroupCount(NamedTuple):
     """An attribute counting whole groups (``groups`` of a conv, ``num_groups`` of a GroupNorm)."""
 
     node: str
