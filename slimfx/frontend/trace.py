@@ -48,6 +48,8 @@ def trace(
     try:
         return trace_fx(model, inputs, leaf_modules)
     except TraceError as fx_error:
+        if getattr(fx_error, "bad_inputs", False):
+            raise
         try:
             return trace_export(model, inputs)
         except TraceError as export_error:

@@ -8,6 +8,7 @@ falls back to a real run on the example inputs; the program records that and why
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ def describe(value: Any) -> Any:
 
 class _RealProp(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
+        self.current = n
         result = super().run_node(n)
         self.metas[n.name] = describe(result)
         return result
@@ -239,6 +241,8 @@ def infer_meta(
     Returns (metas by node name, mode) where mode is "fake" or "real (<why fake failed>)".
     """
     fake = fake or FakeState()
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")
+    level, quiet.level = quiet.level, logging.CRITICAL  # a failed fake run is handled below, not an error
     try:
         fake.start()
         with torch.no_grad():
@@ -249,11 +253,35 @@ def infer_meta(
         return prop.metas, "fake"
     except Exception as exc:  # fake execution cannot run data-dependent code; fall back to real values
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    finally:
+        quiet.setLevel(level)
     real = _RealProp(gm)
-    real.metas = {}
-    with torch.no_grad():
-        real.run(*example_inputs)
+    real.metas, real.current = {}, None
+    try:
+        with torch.no_grad():
+            real.run(*example_inputs)
+    except Exception as exc:  # the model cannot run on these inputs at all: say where and what to check
+        raise _cannot_run(real.current, gm, example_inputs, exc) from exc
     return real.metas, f"real ({reason})"
+
+
+def _cannot_run(node: fx.Node | None, gm: fx.GraphModule, inputs: tuple, exc: Exception) -> Exception:
+    from slimfx.errors import TraceError
+
+    shapes = ", ".join(f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor)
+                       else type(t).__name__ for t in inputs)
+    where = "the graph"
+    if node is not None:
+        where = f"%{node.name} ({node.op} {node.target}"
+        if node.op == "call_module":
+            where += f": {type(find_submodule(gm, str(node.target))).__name__}"
+        where += ")"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    error = TraceError(f"the model does not run on the example inputs ({shapes}): {where} raised "
+                       f"{type(exc).__name__}: {first}. Check that example_inputs have the shapes and dtypes the "
+                       "model's forward expects (batch first), e.g. the shape of one real batch.")
+    error.bad_inputs = True  # trace(frontend="auto") does not retry another frontend: the inputs are at fault
+    return error
 
 
 def annotate(gm: fx.GraphModule, metas: dict[str, Any]) -> None:

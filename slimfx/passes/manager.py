@@ -120,8 +120,12 @@ class PassManager:
             raise
         except Exception as exc:
             raise PassError(f"pass {p.name!r} failed: {type(exc).__name__}: {exc}") from exc
-        program.recompile()
-        invalidate(program, p.preserves)
+        try:
+            program.recompile()
+            invalidate(program, p.preserves)  # re-propagates shapes: the rewritten program must still run
+        except Exception as exc:
+            raise PassError(f"pass {p.name!r} left a program that no longer compiles or runs on the example "
+                            f"inputs (a bug in the pass; please report it with the model): {exc}") from exc
         seconds = time.perf_counter() - start
         if self.verify_each:
             # when meta was just re-propagated, comparing it with another propagation proves nothing

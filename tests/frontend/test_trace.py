@@ -128,3 +128,14 @@ def test_marked_leaf_modules_stay_opaque():
     model.gate = nn.Identity()
     program = slimfx.trace(model, torch.randn(2, 3, 8, 8), frontend="fx", leaf_modules=["head"])
     assert [leaf.qualname for leaf in program.leaves] == ["head"]
+
+
+def test_inputs_the_model_cannot_take_give_an_error_naming_the_layer_and_the_shapes():
+    import slimfx.errors
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU())
+    with pytest.raises(slimfx.errors.TraceError) as info:
+        slimfx.compress(model, "dce", torch.randn(2, 5))
+    text = str(info.value)
+    assert "[2, 5] float32" in text and "Linear" in text and "example_inputs" in text
+    assert "both frontends" not in text  # the inputs are at fault; export is not tried
