@@ -14,15 +14,7 @@ from slimfx.kernels import bsr, conv_kernels, cpu_kernels, dispatch, reference
 from slimfx.kernels.conv_kernels import ConvGeometry
 from slimfx.kernels.cpu_kernels import INT8_TOLERANCE, ActQuant
 
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Each test gets an empty disk cache in a temp dir, an empty memory cache and no forcing."""
-    monkeypatch.setenv("SLIMFX_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("SLIMFX_KERNEL", raising=False)
-    dispatch.clear_memory_cache()
-    yield
-    dispatch.clear_memory_cache()
+pytestmark = pytest.mark.usefixtures("private_kernel_cache")  # tests/conftest.py
 
 
 def _act(mode: str) -> ActQuant:

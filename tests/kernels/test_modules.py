@@ -19,13 +19,7 @@ CPU_INT8 = ["auto", "dense", "int_mm"]
 CPU_CONV = ["auto", "dense", "dense_channels_last", "onednn"]
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLIMFX_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("SLIMFX_KERNEL", raising=False)
-    dispatch.clear_memory_cache()
-    yield
-    dispatch.clear_memory_cache()
+pytestmark = pytest.mark.usefixtures("private_kernel_cache")  # tests/conftest.py
 
 
 def _kernel(name: str) -> str | None:

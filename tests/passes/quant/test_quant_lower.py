@@ -14,7 +14,7 @@ import slimfx.passes.quant.insert  # noqa: F401  (registers the passes)
 import slimfx.passes.quant.lower  # noqa: F401
 from slimfx.ir.layer import Layer
 from slimfx.ir.ops import OpKind
-from slimfx.kernels import Int8Conv2d, Int8Linear, dispatch
+from slimfx.kernels import Int8Conv2d, Int8Linear
 from slimfx.passes.quant.calibrate import set_calibration_data
 from slimfx.passes.quant.spec import fake_quantize, parse_spec
 from slimfx.testing import check_contract
@@ -36,13 +36,7 @@ CNN_PIPELINES = [
 _U = 2.0**-24
 
 
-@pytest.fixture(autouse=True)
-def private_kernel_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLIMFX_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("SLIMFX_KERNEL", raising=False)
-    dispatch.clear_memory_cache()
-    yield
-    dispatch.clear_memory_cache()
+pytestmark = pytest.mark.usefixtures("private_kernel_cache")  # tests/conftest.py
 
 
 def _modules(program, cls=Int8Linear):
