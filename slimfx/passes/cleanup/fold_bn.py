@@ -43,7 +43,7 @@ class FoldBatchNorm(Pass):
 
     def run(self, program: Program) -> PassResult:
         folded, notes = 0, []
-        uses = _AttrUses(program)
+        uses = AttrUses(program)
         for bn in program.nodes_of(OpKind.BATCH_NORM):
             bn_layer = Layer(program, bn)
             if bn_layer.get("training"):
@@ -60,17 +60,7 @@ class FoldBatchNorm(Pass):
                 continue
             producer = data_input(bn)
             _fold(Layer(program, producer), bn_layer)
-            leftovers = [bn.target] if bn.op == "call_module" else _attr_leftovers(bn, uses)
-            for user in list(bn.users):  # aten's _native_batch_norm_legit_no_training returns a tuple
-                if user.op == "call_function" and user.target is operator.getitem:
-                    user.replace_all_uses_with(producer)
-                    program.graph.erase_node(user)
-            bn.replace_all_uses_with(producer)
-            if bn.op == "call_module":
-                uses.erase(program, bn)
-            else:
-                program.graph.erase_node(bn)
-            _drop_unused(program, leftovers, uses)
+            remove_folded_norm(program, bn, producer, uses)
             folded += 1
         return PassResult(changed=folded > 0, stats={"folded": folded}, notes=notes)
 
@@ -104,7 +94,23 @@ class FoldBatchNorm(Pass):
         return None
 
 
-class _AttrUses:
+def remove_folded_norm(program: Program, bn: fx.Node, producer: fx.Node, uses: AttrUses) -> None:
+    """Route ``bn``'s users to ``producer`` (its statistics are folded into it), erase the norm and delete
+    what it leaves behind (its submodule or tensors) unless something else still uses them."""
+    leftovers = [bn.target] if bn.op == "call_module" else _attr_leftovers(bn, uses)
+    for user in list(bn.users):  # aten's _native_batch_norm_legit_no_training returns a tuple
+        if user.op == "call_function" and user.target is operator.getitem:
+            user.replace_all_uses_with(producer)
+            program.graph.erase_node(user)
+    bn.replace_all_uses_with(producer)
+    if bn.op == "call_module":
+        uses.erase(program, bn)
+    else:
+        program.graph.erase_node(bn)
+    _drop_unused(program, leftovers, uses)
+
+
+class AttrUses:
     """Which module/attribute paths the graph still uses, kept up to date as nodes are erased: a count per
     dotted prefix (``a``, ``a.b``, ``a.b.weight``), so "is ``a.b`` or anything under it used?" is one lookup.
     Built once per fold-bn run (rescanning the graph per folded norm made the pass quadratic: 6 s at 1000
@@ -132,7 +138,7 @@ class _AttrUses:
         program.graph.erase_node(node)
 
 
-def _attr_leftovers(bn: fx.Node, uses: _AttrUses) -> list[fx.Node]:
+def _attr_leftovers(bn: fx.Node, uses: AttrUses) -> list[fx.Node]:
     """A functional/aten BatchNorm's get_attr inputs, plus unused get_attrs of the same owner (aten graphs
     keep ``num_batches_tracked`` as a get_attr that nothing reads)."""
     inputs = [a for a in bn.all_input_nodes if a.op == "get_attr"]
@@ -141,7 +147,7 @@ def _attr_leftovers(bn: fx.Node, uses: _AttrUses) -> list[fx.Node]:
     return inputs + extra
 
 
-def _drop_unused(program: Program, leftovers: list, uses: _AttrUses) -> None:
+def _drop_unused(program: Program, leftovers: list, uses: AttrUses) -> None:
     """Delete what a folded BatchNorm leaves behind (its submodule, or its get_attr nodes and tensors) unless
     something else still uses it: the folded statistics must not stay in the state_dict and the artifact."""
     for item in leftovers:

@@ -45,7 +45,7 @@ from slimfx.ir.meta import tensor_meta
 from slimfx.ir.ops import OpKind, data_input
 from slimfx.ir.program import Program
 from slimfx.passes.base import Contract, Pass, PassResult, register_pass
-from slimfx.passes.cleanup.fold_bn import bn_affine
+from slimfx.passes.cleanup.fold_bn import AttrUses, bn_affine, remove_folded_norm
 from slimfx.passes.quant.fake_quant import FakeQuantize, fake_quant_module, fake_quant_nodes
 from slimfx.passes.quant.observers import Observer
 from slimfx.passes.quant.spec import (
@@ -303,6 +303,7 @@ class QatFoldBatchNorm(Pass):
 
     def run(self, program: Program) -> PassResult:
         folded, notes = 0, []
+        uses = AttrUses(program)
         for bn in program.nodes_of(OpKind.BATCH_NORM):
             bn_layer = Layer(program, bn)
             producer = data_input(bn)
@@ -321,12 +322,7 @@ class QatFoldBatchNorm(Pass):
                     raise PassError(f"qat-fold-bn: cannot fold %{bn.name}: {reason}")
                 continue
             _fold_scaled(program, Layer(program, producer), bn_layer, weight_fq)
-            for user in list(bn.users):
-                if user.op == "call_function" and user.target is operator.getitem:
-                    user.replace_all_uses_with(producer)
-                    program.graph.erase_node(user)
-            bn.replace_all_uses_with(producer)
-            program.graph.erase_node(bn)
+            remove_folded_norm(program, bn, producer, uses)
             folded += 1
         program.analyses.pop("attribute-uses", None)
         return PassResult(changed=folded > 0, stats={"folded": folded}, notes=notes)
