@@ -67,6 +67,8 @@ class ChannelGroup:
     consumers: list[str]
     prunable: bool
     reason: str | None = None
+    identity: bool = False  # every member is ``arange(size)``: unit i is index i of every port
+
 
     def kept_indices(self, port: Port, keep: torch.Tensor) -> torch.Tensor:
         """The indices of ``port`` that survive when units with ``keep[unit]`` True are kept."""
@@ -226,6 +228,14 @@ def _make_group(gid: int, program: Program, rules: _Rules, graph: nx.Graph, port
     missing = [p for p, s in sizes.items() if s is None]
     if missing:
         why.append(f"the size of {missing[0]} is unknown (no shape metadata)")
+    edges = [link for _, _, link in graph.edges(ports, data="link")] if not missing else []
+    if not missing and _all_identity(edges, sizes):
+        # the common case (a conv's filters, its BN, the next convs' inputs, residual adds): index i of
+        # every port is unit i; one shared arange instead of the general unit labelling below
+        group = _finish_group(gid, program, rules, ports, dict.fromkeys(ports, torch.arange(sizes[ports[0]])),
+                              sizes[ports[0]], why)
+        group.identity = True
+        return group
     base, total = {}, 0
     for p in ports:
         base[p] = total
@@ -235,7 +245,7 @@ def _make_group(gid: int, program: Program, rules: _Rules, graph: nx.Graph, port
     ends_a, ends_b = [], []
     if not missing:
         # every edge incident to the component's ports lies inside it (it is a connected component)
-        for _, _, link in graph.edges(ports, data="link"):
+        for link in edges:
             count = sizes[link.a] * link.expand  # b's indices are offset .. offset + count - 1
             if (count and link.offset + count > sizes[link.b]) or (link.covers and count != sizes[link.b]):
                 why.append(f"sizes of {link.a} ({sizes[link.a]}) and {link.b} ({sizes[link.b]}) do not match")
@@ -248,6 +258,18 @@ def _make_group(gid: int, program: Program, rules: _Rules, graph: nx.Graph, port
     _, unit_of = torch.unique(labels, return_inverse=True)
     members = {p: unit_of[base[p]:base[p] + (sizes[p] or 0)] for p in ports}
     size = int(unit_of.max()) + 1 if total else 0
+    return _finish_group(gid, program, rules, ports, members, size, why)
+
+
+def _all_identity(edges: list[Link], sizes: dict[Port, int | None]) -> bool:
+    """Every link maps index i to index i and every port has the same size (so units are the indices)."""
+    first = next(iter(sizes.values()))
+    return all(s == first for s in sizes.values()) and all(
+        link.offset == 0 and link.expand == 1 and link.covers and not link.interleave for link in edges)
+
+
+def _finish_group(gid: int, program: Program, rules: _Rules, ports: list[Port], members: dict[Port, torch.Tensor],
+                  size: int, why: list[str]) -> ChannelGroup:
     producers, consumers = _roles(program, rules, members)
     if size < 2 and not why:
         why.append(f"only {size} unit: nothing can be removed")

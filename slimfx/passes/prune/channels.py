@@ -32,6 +32,7 @@ from slimfx.ir.channels import (
     shape_of,
 )
 from slimfx.ir.layer import Layer, get_attr_value, set_attr_value
+from slimfx.ir.meta import META_KEY, TensorMeta, meta_of
 from slimfx.ir.ops import OpKind
 from slimfx.ir.program import Program
 from slimfx.passes.analysis import register_analysis
@@ -121,7 +122,8 @@ def plan_channels(program: Program, options: PruneChannelsOptions) -> ChannelPla
 
 def _keep_every_member_nonempty(group: ChannelGroup, keep: torch.Tensor, scores: torch.Tensor) -> None:
     """A tensor may not lose all its channels (one input of a cat, one producer): keep its best unit."""
-    for units in group.members.values():
+    distinct = {id(units): units for units in group.members.values()}  # identity groups share one tensor
+    for units in distinct.values():
         if units.numel() and not bool(keep[units].any()):
             candidates = units.unique()
             keep[candidates[torch.argmax(scores[candidates])]] = True
@@ -229,8 +231,17 @@ def _plan_macs(program: Program, candidates: list[ChannelGroup], scores: dict[in
 
 
 def _kept_counts(groups: list[ChannelGroup], keep: dict[int, torch.Tensor]) -> dict[ParamDim, int]:
-    return {p: int(keep[g.id][units].sum()) for g in groups if g.id in keep
-            for p, units in g.members.items() if isinstance(p, ParamDim) and p.role == "weight"}
+    counts: dict[ParamDim, int] = {}
+    for g in groups:
+        if g.id not in keep:
+            continue
+        per_tensor: dict[int, int] = {}  # identity groups share one members tensor across ports
+        for p, units in g.members.items():
+            if isinstance(p, ParamDim) and p.role == "weight":
+                if id(units) not in per_tensor:
+                    per_tensor[id(units)] = int(keep[g.id][units].sum())
+                counts[p] = per_tensor[id(units)]
+    return counts
 
 
 class MacCounter:
@@ -297,23 +308,30 @@ def remove_channels(program: Program, plan: ChannelPlan) -> dict[str, list[int]]
     layers: dict[str, Layer] = {}  # a Layer per node, built once (a group touches each layer several times)
     before = {name: _out_channels(program, nodes[name]) for g in plan.groups if g.id in plan.keep
               for name in g.producers}
+    new_sizes: dict[str, dict[int, int]] = {}  # node -> {dim: size} of every output that loses channels
     for group in plan.groups:
         mask = plan.keep.get(group.id)
         if mask is None or bool(mask.all()):
             continue
-        for port in group.members:
-            idx = group.kept_indices(port, mask)
+        kept: dict[int, torch.Tensor] = {}  # per members tensor (identity groups share one across ports)
+        for port, units in group.members.items():
+            idx = kept.get(id(units))
+            if idx is None:
+                idx = kept[id(units)] = group.kept_indices(port, mask)
             node = nodes[port.node]
+            if isinstance(port, TensorDim):
+                new_sizes.setdefault(port.node, {})[port.dim] = int(idx.numel())
             if isinstance(port, ParamDim):
                 layer = layers.get(port.node) or layers.setdefault(port.node, Layer(program, node))
-                layer.set(port.role, layer.tensor(port.role).index_select(port.dim, idx).clone())
+                # index_select returns a new tensor: nothing shares storage with the unpruned one
+                layer.set(port.role, layer.tensor(port.role).index_select(port.dim, idx))
                 touched[port.node] = None
             elif isinstance(port, GroupCount):
                 _set_group_count(program, node, port.role, int(idx.numel()))
                 touched[port.node] = None
             elif program.kind(node) is OpKind.PARAM:
                 value = get_attr_value(program.module, node.target)
-                set_attr_value(program.module, node.target, value.detach().index_select(port.dim, idx).clone())
+                set_attr_value(program.module, node.target, value.detach().index_select(port.dim, idx))
             elif program.kind(node) is OpKind.RESHAPE:
                 reshapes.setdefault(port.node, {})[port.dim] = int(idx.numel())
     for name, sizes in reshapes.items():
@@ -322,7 +340,40 @@ def remove_channels(program: Program, plan: ChannelPlan) -> dict[str, list[int]]
         _sync_module(program, nodes[name])
     program.analyses.clear()
     program.recompile()
+    if not _resize_meta(program, new_sizes):
+        program.propagate_meta()
     return {Layer(program, nodes[n]).name: [_out_channels(program, nodes[n]), total] for n, total in before.items()}
+
+
+def _resize_meta(program: Program, new_sizes: dict[str, dict[int, int]]) -> bool:
+    """Write the pruned sizes into the shape metadata instead of re-propagating the whole graph.
+
+    Sound because of how groups are built: every tensor dim whose size a removal changes is a port of the
+    group (a use the rules do not map blocks the group), so its node is in ``new_sizes``; get_attr nodes
+    are re-described from the tensors they now read. Returns False, leaving the caller to re-propagate,
+    when a changed value is not a single tensor (an op returning a tuple, a size query of a resized tensor).
+    The PassManager's verification (on by default) compares the result with a fresh propagation.
+    """
+    changed: set[str] = set()
+    for node in program.graph.nodes:
+        meta = meta_of(node)
+        if node.name in new_sizes:
+            if not isinstance(meta, TensorMeta):
+                return False
+            shape = list(meta.shape)
+            for dim, size in new_sizes[node.name].items():
+                shape[dim] = size
+            node.meta[META_KEY] = TensorMeta(tuple(shape), meta.dtype)
+            changed.add(node.name)
+        elif node.op == "get_attr":
+            value = get_attr_value(program.module, node.target)
+            if isinstance(value, torch.Tensor):
+                node.meta[META_KEY] = TensorMeta(tuple(value.shape), value.dtype)
+                if meta is None or node.meta[META_KEY] != meta:
+                    changed.add(node.name)
+        elif not isinstance(meta, TensorMeta) and any(a.name in changed for a in node.all_input_nodes):
+            return False
+    return True
 
 
 def _out_channels(program: Program, node: fx.Node) -> int:
@@ -422,6 +473,7 @@ class PruneChannels(Pass):
     name = "prune-channels"
     contract = Contract.CHANGES
     Options = PruneChannelsOptions
+    preserves = frozenset({"meta"})  # remove_channels writes the new sizes into the metadata itself
 
     def run(self, program: Program) -> PassResult:
         decomposed, attention_notes = decompose_attention(program)  # nn.MultiheadAttention -> prunable heads

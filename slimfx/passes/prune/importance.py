@@ -33,6 +33,8 @@ class Importance(Protocol):
 
 
 def _per_unit(group: ChannelGroup, port: Any, per_index: torch.Tensor) -> torch.Tensor:
+    if group.identity:  # unit i is index i: nothing to gather
+        return per_index.double()
     out = torch.zeros(group.size, dtype=torch.float64)
     return out.index_add_(0, group.members[port], per_index.double())
 
