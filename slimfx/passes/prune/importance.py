@@ -57,8 +57,10 @@ def _reduce_except(tensor: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _lp_sum_except(tensor: torch.Tensor, dim: int, p: int) -> torch.Tensor:
     """sum |x|^p (p = 1 or 2) over every dim but ``dim``, accumulated in float64 (no float64 copy)."""
-    rows = tensor.movedim(dim, 0).reshape(tensor.shape[dim], -1)
-    return (rows.abs() if p == 1 else rows.square()).sum(1, dtype=torch.float64)
+    others = [d for d in range(tensor.dim()) if d != dim]
+    powered = tensor.abs() if p == 1 else tensor.square()
+    # reduce in place of a movedim + reshape, which copies the weight when ``dim`` is not the first
+    return powered.sum(others, dtype=torch.float64) if others else powered.double()
 
 
 class Magnitude:
