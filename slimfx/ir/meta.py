@@ -58,7 +58,7 @@ class _RealProp(fx.Interpreter):
 
 # kinds whose output shape/dtype is computed on plain meta tensors (the same op, no FakeTensor dispatch):
 # a fake linear costs ~1.5 ms and a fake conv ~0.5 ms, their meta twins ~0.1 ms
-_META_KINDS = {OpKind.LINEAR, OpKind.CONV, OpKind.RESHAPE, OpKind.PERMUTE}
+_META_KINDS = {OpKind.LINEAR, OpKind.CONV, OpKind.RESHAPE, OpKind.PERMUTE, OpKind.POOL, OpKind.ADAPTIVE_POOL}
 _BROADCAST_KINDS = {OpKind.ADD, OpKind.SUB, OpKind.MUL}
 _META_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -69,6 +69,54 @@ def _to_meta(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_to_meta(v) for v in value)
     return value
+
+
+def _broadcast_shape(*shapes: tuple[int, ...]) -> tuple[int, ...] | None:
+    """torch.broadcast_shapes for plain int shapes (~25x cheaper); None when they do not broadcast."""
+    rank = max(len(s) for s in shapes)
+    out = [1] * rank
+    for shape in shapes:
+        for i, size in enumerate(shape, rank - len(shape)):
+            if size != out[i]:
+                if out[i] != 1 and size != 1:
+                    return None  # let FakeTensorMode raise its own error
+                out[i] = max(out[i], size) if size != 0 and out[i] != 0 else 0
+    return tuple(out)
+
+
+def _sdpa_shape(n: fx.Node, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """scaled_dot_product_attention(q, k, v) without a mask, in closed form: [..., L, Ev] (the meta kernel
+    costs ~0.7 ms). Anything else (masks, broadcast batch dims, GQA) returns None: FakeTensorMode runs it."""
+    if n.target is not torch.nn.functional.scaled_dot_product_attention or len(args) != 3:
+        return None
+    if set(kwargs) - {"dropout_p", "is_causal", "scale"} or kwargs.get("attn_mask") is not None:
+        return None
+    q, k, v = args
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or len({q.dtype, k.dtype, v.dtype}) != 1:
+        return None
+    if not q.is_floating_point() or not q.dim() == k.dim() == v.dim() or q.dim() < 2:
+        return None
+    if q.shape[:-2] != k.shape[:-2] or k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
+        return None
+    return torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device="meta")
+
+
+_ADAPTIVE_POOLS = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
+                   nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}
+
+
+def _adaptive_pool_shape(pool: nn.Module, x: Any) -> tuple[int, ...] | None:
+    """Output shape of an adaptive pooling module in closed form; None when it is not the plain case."""
+    k = _ADAPTIVE_POOLS.get(type(pool))
+    if k is None or getattr(pool, "return_indices", False) or not isinstance(x, torch.Tensor):
+        return None
+    if x.dim() not in (k + 1, k + 2) or any(s == 0 for s in x.shape[-k:]):
+        return None  # let the kernel report it
+    size = pool.output_size
+    size = (size,) * k if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    if len(size) != k or not all(isinstance(s, int) and s > 0 for s in size):
+        return None  # None entries, odd sizes: the kernel decides
+    return (*x.shape[:-k], *size)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -96,9 +144,10 @@ class _FakeProp(fx.Interpreter):
     """Propagates FakeTensors. Three shortcuts keep a 10k-node graph cheap (FakeTensorProp took 40 ms per
     BatchNorm when parameters were real tensors): parameters and buffers are faked once for the whole run;
     ops whose kind preserves shape and dtype (norms, activations, dropout, identity) pass their input's
-    fake value through instead of dispatching; linears, convs and view ops run on plain meta tensors and
-    same-dtype broadcasts are computed in closed form, and only their result is wrapped as a FakeTensor.
-    Anything these shortcuts cannot handle is dispatched under FakeTensorMode as usual.
+    fake value through instead of dispatching; linears, convs, pooling and view ops run on plain meta
+    tensors, and same-dtype broadcasts, adaptive pooling and mask-free attention are computed in closed form.
+    Their results stay plain meta tensors (their device kept aside) and become FakeTensors only where a
+    node that is dispatched under FakeTensorMode, as anything the shortcuts cannot handle is, reads them.
     """
 
     def __init__(self, gm: fx.GraphModule, fake: FakeState):
@@ -106,6 +155,9 @@ class _FakeProp(fx.Interpreter):
         self.fake = fake
         self.mode = fake.mode
         self.metas: dict[str, Any] = {}
+        # shortcut results stay plain meta tensors (wrapping one as a FakeTensor costs ~35 us, 10x the op):
+        # their device is kept here, and they become FakeTensors only where a dispatched node reads them
+        self.devices: dict[int, tuple[torch.Tensor, torch.device]] = {}
 
     # parameters are faked lazily, where a node that is dispatched under FakeTensorMode uses them
     def get_attr(self, target: Any, args: tuple, kwargs: dict) -> Any:
@@ -118,29 +170,45 @@ class _FakeProp(fx.Interpreter):
             return module(*args, **kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
-        result = self._passthrough(n)
+        op_kind = kind(n, self.module) if n.op in ("call_module", "call_function", "call_method") else None
+        result = None if op_kind is None else self._passthrough(n, op_kind)
+        if result is None and op_kind is not None:
+            result = self._shortcut(n, op_kind)
         if result is None:
-            result = self._shortcut(n)
-        if result is None:
+            for source in n.all_input_nodes if n.op != "output" else ():  # output only returns its values
+                device = self._plain_meta_device(self.env.get(source))
+                if device is not None:
+                    self.env[source] = self.mode.fake_tensor_converter.from_meta_and_device(
+                        self.mode, self.env[source], device)
             with self.mode:
                 result = super().run_node(n)
         self.metas[n.name] = describe(result)
         return result
 
-    def _shortcut(self, n: fx.Node) -> torch.Tensor | None:
-        if n.op not in ("call_module", "call_function", "call_method"):
-            return None
-        op_kind = kind(n, self.module)
-        if op_kind not in _META_KINDS and op_kind not in _BROADCAST_KINDS:
+    def _plain_meta_device(self, t: Any) -> torch.device | None:
+        """The device of a shortcut result (a plain meta tensor), else None."""
+        entry = self.devices.get(id(t))
+        return entry[1] if entry is not None and entry[0] is t else None
+
+    def _device(self, t: torch.Tensor) -> torch.device | None:
+        """The device a propagated value stands for (FakeTensor or shortcut meta tensor), else None."""
+        fake_device = getattr(t, "fake_device", None)
+        return fake_device if fake_device is not None else self._plain_meta_device(t)
+
+    def _shortcut(self, n: fx.Node, op_kind: OpKind) -> torch.Tensor | None:
+        if op_kind not in _META_KINDS and op_kind not in _BROADCAST_KINDS and op_kind is not OpKind.SDPA:
             return None
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        if not tensors or not all(hasattr(t, "fake_device") for t in tensors):
+        devices = [self._device(t) for t in tensors]
+        if not tensors or any(d is None for d in devices):
             return None
-        device = tensors[0].fake_device
+        device = devices[0]
         try:
             if op_kind in _BROADCAST_KINDS:
                 out = self._broadcast(n, args, kwargs, tensors)
+            elif op_kind is OpKind.SDPA:
+                out = _sdpa_shape(n, args, kwargs)
             elif n.op == "call_module":
                 out = self._module_on_meta(n, args, kwargs)
             elif n.op == "call_method":
@@ -151,12 +219,21 @@ class _FakeProp(fx.Interpreter):
             return None
         if not isinstance(out, torch.Tensor) or out.device.type != "meta":
             return None
-        return self.mode.fake_tensor_converter.from_meta_and_device(self.mode, out, device)
+        self.devices[id(out)] = (out, device)
+        return out
 
     def _module_on_meta(self, n: fx.Node, args: tuple, kwargs: dict) -> torch.Tensor | None:
         sub = find_submodule(self.module, n.target)
-        if type(sub) not in _META_MODULES or kwargs or len(args) != 1 or _has_hooks(sub):
+        if sub is None or kwargs or len(args) != 1 or _has_hooks(sub):
             return None
+        if type(sub) not in _META_MODULES:  # pooling: no state, the module itself runs on a meta tensor
+            stateless = not sub._parameters and not sub._buffers and not sub._modules
+            if not stateless or kind(n, self.module) not in _META_KINDS:
+                return None
+            shape = _adaptive_pool_shape(sub, args[0])  # the meta kernel of adaptive pooling costs ~0.3 ms
+            if shape is not None:
+                return torch.empty(shape, dtype=args[0].dtype, device="meta")
+            return sub(_to_meta(args[0]))
         x, w = args[0], sub.weight
         if not isinstance(x, torch.Tensor) or x.dtype != w.dtype or x.dim() < 1:
             return None
@@ -178,13 +255,11 @@ class _FakeProp(fx.Interpreter):
             return None
         if any(not isinstance(a, (torch.Tensor, int, float)) or isinstance(a, bool) for a in args):
             return None
-        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
-        return torch.empty(shape, dtype=tensors[0].dtype, device="meta")
+        shape = _broadcast_shape(*(tuple(t.shape) for t in tensors))
+        return None if shape is None else torch.empty(shape, dtype=tensors[0].dtype, device="meta")
 
-    def _passthrough(self, n: fx.Node) -> torch.Tensor | None:
-        if n.op not in ("call_module", "call_function", "call_method"):
-            return None
-        if not KIND_INFO[kind(n, self.module)].same_shape:
+    def _passthrough(self, n: fx.Node, op_kind: OpKind) -> torch.Tensor | None:
+        if not KIND_INFO[op_kind].same_shape:
             return None
         schema = getattr(n.target, "_schema", None)
         if schema is not None and len(schema.returns) != 1:  # e.g. aten's batch norm returns 3 tensors
@@ -242,7 +317,9 @@ def infer_meta(
     """
     fake = fake or FakeState()
     quiet = logging.getLogger("torch._subclasses.fake_tensor")
-    level, quiet.level = quiet.level, logging.CRITICAL  # a failed fake run is handled below, not an error
+    # a failed fake run is handled below, not an error: mute torch's log of it (``disabled``, not a level:
+    # setLevel clears the cache of every logger in the process, ~0.2 ms per call)
+    was_disabled, quiet.disabled = quiet.disabled, True
     try:
         fake.start()
         with torch.no_grad():
@@ -254,7 +331,7 @@ def infer_meta(
     except Exception as exc:  # fake execution cannot run data-dependent code; fall back to real values
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     finally:
-        quiet.setLevel(level)
+        quiet.disabled = was_disabled
     real = _RealProp(gm)
     real.metas, real.current = {}, None
     try:
