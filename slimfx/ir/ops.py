@@ -12,6 +12,7 @@ way whether the conv is an ``nn.Conv2d`` module, ``F.conv2d`` with get_attr weig
 from __future__ import annotations
 
 import builtins
+import functools
 import operator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -426,11 +427,16 @@ def find_submodule(root: nn.Module, target: str) -> nn.Module | None:
     """``root.get_submodule(target)`` or None, walking ``_modules`` directly: kind() runs for every node in
     every analysis, and get_submodule's checks made it a hot spot."""
     module = root
-    for part in target.split("."):
-        module = module._modules.get(part) if isinstance(module, nn.Module) else None
+    for part in _path(target):
+        module = module._modules.get(part)  # every value of _modules is a Module or None
         if module is None:
             return None
     return module
+
+
+@functools.lru_cache(maxsize=65536)
+def _path(target: str) -> tuple[str, ...]:
+    return tuple(target.split("."))
 
 
 def register_function_kind(fn: Any, op_kind: OpKind) -> None:

@@ -479,14 +479,12 @@ class PruneChannels(Pass):
         decomposed, attention_notes = decompose_attention(program)  # nn.MultiheadAttention -> prunable heads
         counter = MacCounter(program)
         macs_before = counter.total({})
-        params_before = program.num_params()
         plan = plan_channels(program, self.options)
         plan.notes[:0] = attention_notes
         kept = _kept_counts([g for g in plan.groups if g.id in plan.keep], plan.keep)
         stats = _stats(program, plan)
         stats["macs_before"], stats["macs_after"] = macs_before, counter.total(kept)
         stats["layers"] = remove_channels(program, plan)
-        stats["params_before"], stats["params_after"] = params_before, program.num_params()
         stats["attention_decomposed"] = decomposed
         return PassResult(changed=plan.removed_units() > 0 or decomposed > 0, stats=stats, notes=plan.notes)
 
