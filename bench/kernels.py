@@ -61,6 +61,21 @@ def time_ms(fn: Callable[[], object], budget_s: float, max_runs: int = 25,
     return min(times) * 1e3
 
 
+def time_turns_ms(fns: dict[str, Callable[[], object]], budget_s: float, rounds: int = 5,
+                  sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Best wall time in ms of each of ``fns``, the functions taking turns for ``rounds`` rounds.
+
+    Timing one function after another lets a slow spell of a shared VM (tens of percent, for seconds) land on
+    one of them and decide a ratio; in turns, each function's best comes from the same spells as the others'.
+    Each turn is :func:`time_ms` with ``budget_s / rounds``.
+    """
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best[name], time_ms(fn, budget_s / rounds, max_runs=max(3, 25 // rounds), sync=sync))
+    return best
+
+
 def markdown(headers: list[str], rows: list[list[object]]) -> str:
     def cell(v: object) -> str:
         return f"{v:.3g}" if isinstance(v, float) else str(v)
