@@ -35,8 +35,7 @@ def _assert_removal_is_exact(program, case, options=None):
     zero_channels(zeroed, plan)
     pruned = zeroed.clone()
     remove_channels(pruned, plan)
-    pruned.propagate_meta()
-    slimfx.verify(pruned)
+    slimfx.verify(pruned)  # the metadata remove_channels resized itself == a fresh propagation
     for inputs in (case.example_inputs, case.fresh_inputs(seed=1)):
         expected, got = zeroed(*inputs), pruned(*inputs)
         assert got.shape == expected.shape
