@@ -35,7 +35,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import markdown, time_ms, time_turns_ms  # noqa: E402
+from kernels import markdown, time_interleaved, time_ms  # noqa: E402
 from machine import machine_line  # noqa: E402
 
 import slimfx  # noqa: E402
@@ -116,7 +116,7 @@ def bench_linear(shapes, budget_s: float) -> str:
                 fns[mode] = partial(direct, x)
                 labels[mode] = f"slimfx Int8Linear {mode} [{direct.last_kernel}]"
             # every implementation in turns (round after round), each keeping its best: the VM drifts
-            times = time_turns_ms(fns, budget_s * len(fns))
+            times = time_interleaved(fns, budget_s)
             t_fp32, t_ao = times.pop("fp32"), times["ao"]
             ordered = [name for name in fns if name not in ("fp32", "ao")] + ["ao"]
             results = [(labels[name], times[name], fns[name](), errors_vs_sim.get(name, "-")) for name in ordered]

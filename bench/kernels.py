@@ -61,21 +61,6 @@ def time_ms(fn: Callable[[], object], budget_s: float, max_runs: int = 25,
     return min(times) * 1e3
 
 
-def time_turns_ms(fns: dict[str, Callable[[], object]], budget_s: float, rounds: int = 5,
-                  sync: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Best wall time in ms of each of ``fns``, the functions taking turns for ``rounds`` rounds.
-
-    Timing one function after another lets a slow spell of a shared VM (tens of percent, for seconds) land on
-    one of them and decide a ratio; in turns, each function's best comes from the same spells as the others'.
-    Each turn is :func:`time_ms` with ``budget_s / rounds``.
-    """
-    best = {name: float("inf") for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            best[name] = min(best[name], time_ms(fn, budget_s / rounds, max_runs=max(3, 25 // rounds), sync=sync))
-    return best
-
-
 def markdown(headers: list[str], rows: list[list[object]]) -> str:
     def cell(v: object) -> str:
         return f"{v:.3g}" if isinstance(v, float) else str(v)
@@ -155,28 +140,29 @@ def bench_cpu_int8(shapes, budget_s: float) -> str:
             x = torch.randn(m, k)
             with torch.no_grad():
                 ref = linear(x)
-                t_fp32 = time_ms(partial(linear, x), budget_s)
-                results = []
+                fns, labels, outputs = {"fp32": partial(linear, x)}, {}, {}
                 for mode in ("dynamic_per_token", "dynamic_per_tensor"):
                     module = Int8Linear.from_float(linear, mode=mode)
                     module(x)  # dispatch (measures once, cached) and prepack outside the timing
-                    t = time_ms(partial(module, x), budget_s)
-                    results.append((f"slimfx {mode} [{module.last_kernel}]", t, module(x)))
+                    fns[mode], labels[mode] = partial(module, x), f"slimfx {mode} [{module.last_kernel}]"
                 import warnings
 
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     ao = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear},
                                                                 dtype=torch.qint8)
-                results.append(("torch.ao dynamic", time_ms(partial(ao, x), budget_s), ao(x)))
+                fns["ao"], labels["ao"] = partial(ao, x), "torch.ao dynamic"
                 session, why = ort_int8_linear(linear, m, Path(tmp))
                 if session is None:
                     notes.add(f"onnxruntime skipped: {why}")
                 else:
                     feed = {"X": x.numpy()}
-                    y = torch.from_numpy(session.run(None, feed)[0])
-                    t = time_ms(partial(session.run, None, feed), budget_s)
-                    results.append(("onnxruntime int8", t, y))
+                    outputs["ort"] = torch.from_numpy(session.run(None, feed)[0])
+                    fns["ort"], labels["ort"] = partial(session.run, None, feed), "onnxruntime int8"
+                times = time_interleaved(fns, budget_s)  # in turns: a load burst hits every implementation alike
+                t_fp32 = times.pop("fp32")
+                results = [(labels[name], t, outputs[name] if name in outputs else fns[name]())
+                           for name, t in times.items()]
             for name, t, y in results:
                 rows.append([f"{m}x{k}x{n}", name, t, t_fp32 / t, cpu_kernels.relative_error(y, ref)])
             rows.append([f"{m}x{k}x{n}", "fp32 nn.Linear", t_fp32, 1.0, 0.0])
