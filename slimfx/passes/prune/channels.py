@@ -496,6 +496,7 @@ class ZeroChannels(Pass):
     name = "zero-channels"
     contract = Contract.CHANGES
     Options = PruneChannelsOptions
+    preserves = frozenset({"meta"})  # values change, shapes do not (decompose_attention re-propagates itself)
 
     def run(self, program: Program) -> PassResult:
         decomposed, attention_notes = decompose_attention(program)  # the same program prune-channels plans on
