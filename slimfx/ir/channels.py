@@ -159,7 +159,8 @@ def _visit(rules: _Rules, port: Port) -> tuple[list[tuple[str, Link]], list[str]
 
 
 def coupling_graph(program: Program) -> nx.Graph:
-    """The full port graph reachable from every layer's output channels (edges carry their Link)."""
+    """The full port graph reachable from every layer's output channels (each edge carries ``links``: the
+    distinct Links between its two ports, usually one)."""
     return _explore(program)[0]
 
 
@@ -188,7 +189,13 @@ def _explore(program: Program) -> tuple[nx.Graph, _Rules, dict[Port, list[str]],
             if why:
                 reasons[port] = why
             for _, link in links:
-                graph.add_edge(link.a, link.b, link=link)
+                # two ports may be linked more than once (torch.cat([y, y]): y's channels at two offsets), so
+                # an edge keeps the list of its distinct links (add_edge would keep only the last one)
+                edge = graph.get_edge_data(link.a, link.b)
+                if edge is None:
+                    graph.add_edge(link.a, link.b, links=[link])
+                elif link not in edge["links"]:
+                    edge["links"].append(link)
                 other = link.b if link.a == port else link.a
                 if other not in visited:
                     visited.add(other)
@@ -228,7 +235,7 @@ def _make_group(gid: int, program: Program, rules: _Rules, graph: nx.Graph, port
     missing = [p for p, s in sizes.items() if s is None]
     if missing:
         why.append(f"the size of {missing[0]} is unknown (no shape metadata)")
-    edges = [link for _, _, link in graph.edges(ports, data="link")] if not missing else []
+    edges = [link for _, _, links in graph.edges(ports, data="links") for link in links] if not missing else []
     if not missing and _all_identity(edges, sizes):
         # the common case (a conv's filters, its BN, the next convs' inputs, residual adds): index i of
         # every port is unit i; one shared arange instead of the general unit labelling below

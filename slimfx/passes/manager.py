@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from slimfx.errors import ContractError, PassError, SlimfxError
+from slimfx.errors import ContractError, PassError, SlimfxError, TraceError
 from slimfx.ir.numerics import compare_outputs
 from slimfx.ir.program import PassRecord, Program
 from slimfx.ir.verify import verify
@@ -60,7 +60,9 @@ def _selected(names: Iterable[str] | str | bool | None) -> set[str] | bool:
 class PassManager:
     """Runs a pipeline over a Program.
 
-    verify_each: run verify() after every pass (default on).
+    verify_each: run verify() after every pass (default on). Off, a pass that keeps the shape metadata up to
+        date itself (``preserves`` meta, e.g. prune-channels) is not re-run on fake tensors afterwards: a pass
+        that broke the program is then noticed when the program runs (check_numerics, or the caller).
     check_numerics: compare each pass's outputs with the previous program's on the example inputs and
         enforce the pass's contract (default on).
     dump_ir_before / dump_ir_after: pass names (or "all") whose IR is written before/after the pass, to
@@ -129,7 +131,11 @@ class PassManager:
         seconds = time.perf_counter() - start
         if self.verify_each:
             # when meta was just re-propagated, comparing it with another propagation proves nothing
-            verify(program, after=p.name, check_meta=META in p.preserves or "*" in p.preserves)
+            try:
+                verify(program, after=p.name, check_meta=META in p.preserves or "*" in p.preserves)
+            except TraceError as exc:  # the fresh propagation could not run it: the pass broke it, not the inputs
+                raise PassError(f"pass {p.name!r} left a program that no longer runs on the example inputs (a bug in "
+                                f"the pass; please report it with the model): {exc}") from exc
         program.provenance.append(PassRecord(p.name, p.options_dict(), text))
         run = PassRun(
             name=p.name, text=text, contract=p.contract.value, seconds=seconds,

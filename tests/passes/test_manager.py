@@ -206,3 +206,23 @@ def test_pass_objects_with_list_options_round_trip_to_text():
     assert p.text() == "prune-magnitude{sparsity=0.25,ignore=[head.*,stem]}"
     again = slimfx.Pipeline.parse(p.text()).passes()[0]
     assert again.options.ignore == ["head.*", "stem"]
+
+
+def test_a_pass_that_breaks_the_program_is_blamed_even_when_it_claims_to_keep_the_metadata(program):
+    @register_pass
+    class BreaksShapes(Pass):
+        """Swaps in a weight of the wrong width and claims the shapes are unchanged (for tests)."""
+
+        name = "test-breaks-shapes"
+        contract = Contract.CHANGES
+        preserves = frozenset({"meta"})
+
+        def run(self, program):
+            linear = next(m for m in program.module.modules() if isinstance(m, nn.Linear))
+            linear.weight = nn.Parameter(torch.randn(linear.out_features, linear.in_features + 3))
+
+    try:
+        with pytest.raises(PassError, match="pass 'test-breaks-shapes' left a program that no longer runs"):
+            slimfx.run_pipeline(program, "test-breaks-shapes", check_numerics=False)
+    finally:
+        unregister_pass("test-breaks-shapes")

@@ -351,9 +351,12 @@ def _resize_meta(program: Program, new_sizes: dict[str, dict[int, int]]) -> bool
     Sound because of how groups are built: every tensor dim whose size a removal changes is a port of the
     group (a use the rules do not map blocks the group), so its node is in ``new_sizes``; get_attr nodes
     are re-described from the tensors they now read. Returns False, leaving the caller to re-propagate,
-    when a changed value is not a single tensor (an op returning a tuple, a size query of a resized tensor).
+    when a changed value is not a single tensor (an op returning a tuple, a size query of a resized tensor)
+    or the shapes came from a real run (they may depend on the values, e.g. ``x[x > 0]``).
     The PassManager's verification (on by default) compares the result with a fresh propagation.
     """
+    if program.meta_mode != "fake":
+        return False  # shapes from a real run may depend on values (boolean masks, nonzero), which pruning changes
     changed: set[str] = set()
     for node in program.graph.nodes:
         meta = meta_of(node)

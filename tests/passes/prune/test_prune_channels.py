@@ -1,7 +1,10 @@
 """prune-channels: removing channels that zero-channels already zeroed is exact; options do what they say."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.nn as nn
 from hypothesis import given, settings
 
 import slimfx
@@ -169,3 +172,42 @@ def test_zoo_models_prune_and_verify(name):
         program = slimfx.trace(model, inputs, frontend=frontend)
         result = run_pipeline(program, "prune-channels{sparsity=0.5}")
         assert result.num_params() < program.num_params()
+
+
+class _CatTwice(nn.Module):
+    """One tensor concatenated with itself: its channels are coupled to the cat's at two offsets."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        return self.c2(torch.cat([y, y], 1))
+
+
+def test_a_tensor_concatenated_with_itself_loses_its_channels_at_both_offsets():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    program = slimfx.trace(_CatTwice().eval(), x)
+    _assert_removal_is_exact(program, SimpleNamespace(example_inputs=(x,), fresh_inputs=lambda seed: (x * 2,)))
+    result = slimfx.compress(_CatTwice().eval(), "prune-channels{sparsity=0.5}", x)
+    assert result.module.c1.out_channels == 4 and result.module.c2.in_channels == 8
+    assert result.module(x).shape == (2, 4, 8, 8)
+
+
+def test_shapes_from_a_real_run_are_re_propagated_after_pruning():
+    class ValueDependent(nn.Module):  # z[z > 0]: fake tensors cannot size it, so shapes come from a real run
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 32), nn.Linear(32, 6)
+
+        def forward(self, x):
+            z = self.fc2(torch.relu(self.fc1(x)))
+            return z[z > 0].sum() + z.mean()
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 6)
+    result = slimfx.compress(ValueDependent().eval(), "prune-channels{sparsity=0.5}", x)  # verify on: stale = error
+    assert result.program.meta_mode.startswith("real")
+    assert result.module.fc1.out_features == 16
