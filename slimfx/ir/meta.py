@@ -58,7 +58,8 @@ class _RealProp(fx.Interpreter):
 
 # kinds whose output shape/dtype is computed on plain meta tensors (the same op, no FakeTensor dispatch):
 # a fake linear costs ~1.5 ms and a fake conv ~0.5 ms, their meta twins ~0.1 ms
-_META_KINDS = {OpKind.LINEAR, OpKind.CONV, OpKind.RESHAPE, OpKind.PERMUTE, OpKind.POOL, OpKind.ADAPTIVE_POOL}
+_META_KINDS = {OpKind.LINEAR, OpKind.CONV, OpKind.RESHAPE, OpKind.PERMUTE, OpKind.POOL, OpKind.ADAPTIVE_POOL,
+               OpKind.CONTIGUOUS}
 _BROADCAST_KINDS = {OpKind.ADD, OpKind.SUB, OpKind.MUL}
 _META_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -259,7 +260,8 @@ class _FakeProp(fx.Interpreter):
         return None if shape is None else torch.empty(shape, dtype=tensors[0].dtype, device="meta")
 
     def _passthrough(self, n: fx.Node, op_kind: OpKind) -> torch.Tensor | None:
-        if not KIND_INFO[op_kind].same_shape:
+        # contiguous keeps the shape but not the strides, which a later view depends on
+        if not KIND_INFO[op_kind].same_shape or op_kind is OpKind.CONTIGUOUS:
             return None
         schema = getattr(n.target, "_schema", None)
         if schema is not None and len(schema.returns) != 1:  # e.g. aten's batch norm returns 3 tensors
