@@ -141,23 +141,23 @@ def bench_conv(shapes, budget_s: float) -> str:
         with torch.no_grad():
             ref = conv(x)
             conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
-            t_nchw = time_ms(partial(conv, x), budget_s)
-            t_cl = time_ms(partial(conv_cl, x_cl), budget_s)
-            t_fp32 = min(t_nchw, t_cl)
             ao = ao_static_conv(conv, calibration)
-            t_ao = time_ms(partial(ao, x), budget_s)
-            results = [("fp32 nn.Conv2d, NCHW", t_nchw, ref, "-"), ("fp32 nn.Conv2d, channels_last", t_cl,
-                                                                      conv_cl(x_cl), "-")]
+            fns = {"fp32 nn.Conv2d, NCHW": partial(conv, x), "fp32 nn.Conv2d, channels_last": partial(conv_cl, x_cl)}
+            outputs, errors_vs_sim = {"fp32 nn.Conv2d, NCHW": ref, "fp32 nn.Conv2d, channels_last": conv_cl(x_cl)}, {}
             for activations, label in ACTIVATIONS.items():
                 simulated, lowered = lowered_programs(nn.Sequential(conv), calibration[0], calibration,
                                                       activations)
                 for layout, inputs in (("NCHW", x), ("channels_last", x_cl)):
-                    lowered.module(inputs)  # the dispatcher measures once per shape and layout
-                    t = time_ms(partial(lowered.module, inputs), budget_s)
-                    y = lowered.module(inputs)
-                    results.append((f"slimfx lowered, {label}, {layout} [{_kernel_of(lowered, Int8Conv2d)}]", t, y,
-                                    cpu_kernels.relative_error(y, simulated.module(inputs))))
-            results.append(("torch.ao static quantized Conv2d (7-bit act)", t_ao, ao(x), "-"))
+                    y = lowered.module(inputs)  # the dispatcher measures once per shape and layout
+                    name = f"slimfx lowered, {label}, {layout} [{_kernel_of(lowered, Int8Conv2d)}]"
+                    fns[name], outputs[name] = partial(lowered.module, inputs), y
+                    errors_vs_sim[name] = cpu_kernels.relative_error(y, simulated.module(inputs))
+            ao_name = "torch.ao static quantized Conv2d (7-bit act)"
+            fns[ao_name], outputs[ao_name] = partial(ao, x), ao(x)
+            times = time_interleaved(fns, budget_s)  # in turns: the VM's slow spells hit every implementation
+            t_fp32 = min(times["fp32 nn.Conv2d, NCHW"], times["fp32 nn.Conv2d, channels_last"])
+            t_ao = times[ao_name]
+            results = [(name, times[name], outputs[name], errors_vs_sim.get(name, "-")) for name in fns]
         for name, t, y, vs_sim in results:
             rows.append([shape, name, t, t_fp32 / t, t_ao / t, cpu_kernels.relative_error(y, ref), vs_sim])
         print(f"  conv {shape} done", file=sys.stderr, flush=True)
