@@ -170,6 +170,8 @@ def ort_session(path: Path):
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    # ORT's pool spin-waits after each run by default, stealing the cores from whatever is timed next
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
