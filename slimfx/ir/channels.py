@@ -69,7 +69,6 @@ class ChannelGroup:
     reason: str | None = None
     identity: bool = False  # every member is ``arange(size)``: unit i is index i of every port
 
-
     def kept_indices(self, port: Port, keep: torch.Tensor) -> torch.Tensor:
         """The indices of ``port`` that survive when units with ``keep[unit]`` True are kept."""
         return torch.nonzero(keep[self.members[port]]).flatten()

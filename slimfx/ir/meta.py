@@ -211,7 +211,7 @@ class _FakeProp(fx.Interpreter):
             elif op_kind is OpKind.SDPA:
                 out = _sdpa_shape(n, args, kwargs)
             elif n.op == "call_module":
-                out = self._module_on_meta(n, args, kwargs)
+                out = self._module_on_meta(n, op_kind, args, kwargs)
             elif n.op == "call_method":
                 out = getattr(_to_meta(args[0]), n.target)(*_to_meta(args[1:]), **_to_meta(kwargs))
             else:
@@ -223,13 +223,13 @@ class _FakeProp(fx.Interpreter):
         self.devices[id(out)] = (out, device)
         return out
 
-    def _module_on_meta(self, n: fx.Node, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    def _module_on_meta(self, n: fx.Node, op_kind: OpKind, args: tuple, kwargs: dict) -> torch.Tensor | None:
         sub = find_submodule(self.module, n.target)
         if sub is None or kwargs or len(args) != 1 or _has_hooks(sub):
             return None
         if type(sub) not in _META_MODULES:  # pooling: no state, the module itself runs on a meta tensor
             stateless = not sub._parameters and not sub._buffers and not sub._modules
-            if not stateless or kind(n, self.module) not in _META_KINDS:
+            if not stateless or op_kind not in _META_KINDS:
                 return None
             shape = _adaptive_pool_shape(sub, args[0])  # the meta kernel of adaptive pooling costs ~0.3 ms
             if shape is not None:

@@ -51,16 +51,16 @@ def _weight_ports(program: Program, group: ChannelGroup) -> list[tuple[ParamDim,
     return found
 
 
-def _reduce_except(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-    return tensor.movedim(dim, 0).reshape(tensor.shape[dim], -1).sum(1)
+def _reduce_except(tensor: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sum over every dim but ``dim`` (reduced in place, not via movedim + reshape, which copies the tensor
+    when ``dim`` is not the first), accumulated in ``dtype``."""
+    others = [d for d in range(tensor.dim()) if d != dim]
+    return tensor.sum(others, dtype=dtype) if others else tensor.to(dtype or tensor.dtype)
 
 
 def _lp_sum_except(tensor: torch.Tensor, dim: int, p: int) -> torch.Tensor:
     """sum |x|^p (p = 1 or 2) over every dim but ``dim``, accumulated in float64 (no float64 copy)."""
-    others = [d for d in range(tensor.dim()) if d != dim]
-    powered = tensor.abs() if p == 1 else tensor.square()
-    # reduce in place of a movedim + reshape, which copies the weight when ``dim`` is not the first
-    return powered.sum(others, dtype=torch.float64) if others else powered.double()
+    return _reduce_except(tensor.abs() if p == 1 else tensor.square(), dim, torch.float64)
 
 
 class Magnitude:
