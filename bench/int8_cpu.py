@@ -1,8 +1,9 @@
 """int8 on CPU, as a user gets it: lowered int8 linears and convs vs fp32 and torch.ao; ONNX QDQ under onnxruntime.
 
 Table 1, per M x K x N: a one-Linear program through ``quant-insert,calibrate,lower-int8`` with 7-bit static
-activations (``activations=int7-per-tensor``, torch.ao's reduce_range: what fbgemm / oneDNN compute exactly on
-AVX2) and with the default 8-bit ones; Int8Linear directly in ``dynamic_per_token`` (the GPU kernel's numerics)
+activations (``activations=int7-per-tensor``, torch.ao's reduce_range), with 8-bit ones and 7-bit weights
+(``weights=int7-per-channel``) — the two schemes fbgemm / oneDNN compute exactly on AVX2 — and with the default
+8-bit activations and weights; Int8Linear directly in ``dynamic_per_token`` (the GPU kernel's numerics)
 and ``dynamic_per_tensor`` (torch.ao's); torch.ao's dynamic quantized Linear; fp32 nn.Linear. Table 2, per conv
 shape: a one-Conv2d program lowered the same ways, on NCHW and channels-last inputs, vs fp32 conv (both layouts;
 the ratio is against the faster) and torch.ao's static quantized conv (x86 qconfig: quantize, quantized::conv2d,
@@ -52,14 +53,21 @@ QUICK_SHAPES = [(256, 1024, 1024), (512, 1024, 4096)]
 CONV_SHAPES = [(16, 64, 56, 64, 3, 1, 1), (16, 128, 28, 128, 3, 1, 1), (16, 256, 14, 256, 3, 1, 1),
                (16, 256, 28, 64, 1, 1, 1), (16, 128, 56, 128, 3, 1, 128)]
 QUICK_CONV_SHAPES = [(8, 64, 28, 64, 3, 1, 1), (8, 128, 28, 128, 3, 1, 128)]
-ACTIVATIONS = {"int7-per-tensor": "7-bit static", "int8-per-tensor": "8-bit static (default)"}
+# quant-insert schemes (weights, activations) -> row label. On AVX2 without VNNI, 8-bit codes x 8-bit weights
+# saturate int16 pair sums in fbgemm / oneDNN; 7-bit codes or 7-bit weights do not.
+SCHEMES = {("int8-per-channel", "int7-per-tensor"): "7-bit static",
+           ("int7-per-channel", "int8-per-tensor"): "8-bit static, 7-bit weights",
+           ("int8-per-channel", "int8-per-tensor"): "8-bit static (default)"}
 
 
 def lowered_programs(model: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor],
-                     activations: str) -> tuple[slimfx.Program, slimfx.Program]:
-    """``model`` through quant-insert{activations=...},calibrate: (the fake-quant simulation, it lowered)."""
+                     scheme: tuple[str, str]) -> tuple[slimfx.Program, slimfx.Program]:
+    """``model`` through quant-insert{weights=..., activations=...},calibrate: (the fake-quant simulation, it
+    lowered)."""
     program = set_calibration_data(slimfx.trace(model, (example,)), calibration)
-    simulated = slimfx.run_pipeline(program, f"quant-insert{{activations={activations}}},calibrate{{progress=false}}")
+    weights, activations = scheme
+    simulated = slimfx.run_pipeline(
+        program, f"quant-insert{{weights={weights},activations={activations}}},calibrate{{progress=false}}")
     return simulated, slimfx.run_pipeline(simulated, "lower-int8")
 
 
@@ -103,13 +111,12 @@ def bench_linear(shapes, budget_s: float) -> str:
             ao = ao_dynamic(nn.Sequential(linear))
             fns = {"fp32": partial(linear, x), "ao": partial(ao, x)}
             labels, errors_vs_sim = {"ao": "torch.ao dynamic quantized Linear"}, {}
-            for activations, label in ACTIVATIONS.items():
-                simulated, lowered = lowered_programs(nn.Sequential(linear), calibration[0], calibration,
-                                                      activations)
+            for scheme, label in SCHEMES.items():
+                simulated, lowered = lowered_programs(nn.Sequential(linear), calibration[0], calibration, scheme)
                 lowered.module(x)  # the dispatcher measures its candidates once for this shape, outside the timing
-                fns[activations] = partial(lowered.module, x)
-                labels[activations] = f"slimfx lowered, {label} [{_kernel_of(lowered, Int8Linear)}]"
-                errors_vs_sim[activations] = cpu_kernels.relative_error(lowered.module(x), simulated.module(x))
+                fns[label] = partial(lowered.module, x)
+                labels[label] = f"slimfx lowered, {label} [{_kernel_of(lowered, Int8Linear)}]"
+                errors_vs_sim[label] = cpu_kernels.relative_error(lowered.module(x), simulated.module(x))
             for mode in ("dynamic_per_token", "dynamic_per_tensor"):
                 direct = Int8Linear.from_float(linear, mode=mode)
                 direct(x)
@@ -144,9 +151,8 @@ def bench_conv(shapes, budget_s: float) -> str:
             ao = ao_static_conv(conv, calibration)
             fns = {"fp32 nn.Conv2d, NCHW": partial(conv, x), "fp32 nn.Conv2d, channels_last": partial(conv_cl, x_cl)}
             outputs, errors_vs_sim = {"fp32 nn.Conv2d, NCHW": ref, "fp32 nn.Conv2d, channels_last": conv_cl(x_cl)}, {}
-            for activations, label in ACTIVATIONS.items():
-                simulated, lowered = lowered_programs(nn.Sequential(conv), calibration[0], calibration,
-                                                      activations)
+            for scheme, label in SCHEMES.items():
+                simulated, lowered = lowered_programs(nn.Sequential(conv), calibration[0], calibration, scheme)
                 for layout, inputs in (("NCHW", x), ("channels_last", x_cl)):
                     y = lowered.module(inputs)  # the dispatcher measures once per shape and layout
                     name = f"slimfx lowered, {label}, {layout} [{_kernel_of(lowered, Int8Conv2d)}]"

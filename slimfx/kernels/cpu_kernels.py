@@ -21,14 +21,17 @@ them the weight is int8 ``w_q [N, K]`` with a per-output-channel fp32 scale ``w_
   ``z_x = clamp(round(-lo / s_x), 0, 127)`` (torch's ``ChooseQuantizationParams``),
   ``q_x = clamp(round(x * (1 / s_x)) + z_x, 0, 127)``.
 * ``static_per_tensor``: a calibrated ``s_x`` and ``z_x`` in ``[0, 2**bits - 1]`` (quint8, the torch.ao
-  static convention, for ``bits=8``), ``q_x = clamp(round_half_even(x / s_x) + z_x, 0, 2**bits - 1)``.
-  ``bits=7`` is torch.ao's ``reduce_range``: with codes <= 127 and weights in [-127, 127] the int16 pair
-  sums of ``vpmaddubsw`` cannot saturate, so fbgemm and oneDNN are exact on AVX2 CPUs without VNNI.
+  static convention, for ``bits=8``), ``q_x = clamp(round_half_even(fl32(x * fl32(1 / s_x) + z_x)), 0,
+  2**bits - 1)`` with a fused multiply-add: fbgemm's quantizer and the fake-quant simulation's
+  (:mod:`slimfx.kernels.affine_codes`). ``bits=7`` is torch.ao's ``reduce_range``: with codes <= 127 and
+  weights in [-127, 127] the int16 pair sums of ``vpmaddubsw`` cannot saturate, and neither can 8-bit codes
+  with weights in [-63, 63] (``ActQuant.weight_bits=7``), so fbgemm and oneDNN are exact on AVX2 CPUs
+  without VNNI for either.
 
-Every candidate computes ``q_x`` the same way (an fp32 division, like the fake-quant simulation), except
-fbgemm's own dynamic quantization (a vectorised multiply by ``1 / s_x`` whose ties may round
-differently); the static fbgemm path quantizes in torch and hands fbgemm the integer codes, so it is
-exact. The tolerances in :data:`INT8_TOLERANCE` state how far a candidate may be from
+Every candidate computes ``q_x`` exactly as the spec does, except fbgemm's own dynamic quantization (a
+multiply by ``1 / s_x`` then the zero point, whose ties may round differently); the static fbgemm path
+hands fbgemm the fp32 input and fbgemm's fused quantizer computes the spec's codes. The tolerances in
+:data:`INT8_TOLERANCE` state how far a candidate may be from
 :func:`int8_linear_spec`.
 """
 
@@ -43,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from slimfx.errors import KernelError
+from slimfx.kernels.affine_codes import unsigned_codes
 
 ACT_MODES = ("dynamic_per_token", "dynamic_per_tensor", "static_per_tensor")
 #: Activation modes of :class:`slimfx.kernels.Int8Conv2d`: ``weight_only`` keeps the activation in float.
@@ -65,17 +69,22 @@ class ActQuant:
 
     ``bits`` is for ``static_per_tensor`` only: the activation codes are unsigned ``bits``-bit integers
     ``[0, 2**bits - 1]`` (8: quint8; 7: torch.ao's reduce_range). ``weight_only`` (convs) keeps the input
-    in float.
+    in float. ``weight_bits`` bounds the module's weight codes, ``|w_q| <= 2**(weight_bits - 1) - 1``: the
+    dispatcher probes with weights that wide, so 8-bit activation codes with 7-bit weights (whose int16 pair
+    sums cannot saturate, 255 * 63 * 2 < 2**15) run exactly on fbgemm / oneDNN on AVX2 CPUs.
     """
 
     mode: str = "dynamic_per_token"
     scale: float | None = None
     zero_point: int | None = None
     bits: int = 8
+    weight_bits: int = 8
 
     def __post_init__(self) -> None:
         if self.mode not in ACT_MODES + ("weight_only",):
             raise KernelError(f"activation mode {self.mode!r} is not one of {ACT_MODES + ('weight_only',)}")
+        if not 2 <= int(self.weight_bits) <= 8:
+            raise KernelError(f"weight codes have 2 to 8 bits, got weight_bits={self.weight_bits!r}")
         if self.mode == "static_per_tensor":
             if not 2 <= int(self.bits) <= 8:
                 raise KernelError(f"static_per_tensor activation codes have 2 to 8 bits, got bits={self.bits!r}")
@@ -99,8 +108,10 @@ class ActQuant:
 
     @property
     def label(self) -> str:
-        """The mode, with the code width when it is not 8 bits (``static_per_tensor_u7``)."""
-        return self.mode if self.bits == 8 else f"{self.mode}_u{self.bits}"
+        """The mode, with the activation / weight code widths that are not 8 bits (``static_per_tensor_u7``,
+        ``static_per_tensor_w7``)."""
+        return (self.mode + ("" if self.bits == 8 else f"_u{self.bits}")
+                + ("" if self.weight_bits == 8 else f"_w{self.weight_bits}"))
 
 
 @dataclass(frozen=True)
@@ -176,13 +187,12 @@ def quantize_activation(x2d: torch.Tensor, act: ActQuant) -> QuantizedActivation
 def static_codes(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
     """``q_x - z_x`` of a ``static_per_tensor`` activation as an fp32 tensor of small integers.
 
-    ``clamp(round_half_even(x / s_x), -z_x, code_max - z_x)``: the fake-quant simulation's
-    ``clamp(round(x / s) + z, qmin, qmax) - z`` for any layout of ``x`` (an fp32 division, so bit for bit).
-    Three passes over ``x`` (division, rounding, clamp in place), a new tensor; ``x`` is not modified.
+    ``clamp(round_half_even(fl32(x * fl32(1 / s_x) + z_x)), 0, code_max) - z_x`` (fused multiply-add:
+    fbgemm's quantizer and the fake-quant simulation's, see :mod:`slimfx.kernels.affine_codes`), for any
+    layout of ``x``; a new tensor, ``x`` is not modified.
     """
     zp = int(act.zero_point)
-    scale = torch.tensor(float(act.scale), dtype=torch.float32, device=x.device)
-    return torch.div(x.float(), scale).round_().clamp_(-zp, act.code_max - zp)
+    return unsigned_codes(x, act.scale, zp, act.code_max).sub_(zp)
 
 
 def int8_linear_spec(x2d: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
@@ -325,25 +335,34 @@ class _FbgemmDynamicRun:
 
 
 class _FbgemmStaticRun:
-    """Static activations: the codes are computed here (:func:`static_codes`, the simulation's division)
-    and handed to fbgemm as floats with scale 1, which it converts to uint8 exactly; ``s_x`` is folded
-    into the packed per-channel weight scales. fbgemm then accumulates ``(q_x - z_x) * w_q`` in int32 and
-    applies an fp32 epilogue (``acc * (s_x * w_scale[n]) + bias[n]``)."""
+    """Static activations: the fp32 input goes straight to fbgemm, whose fused quantizer computes the
+    simulation's codes (:mod:`slimfx.kernels.affine_codes`) while it packs them. It clamps codes to
+    [0, 255] itself; narrower codes are clamped here first, on the input (the quantizer is monotone and
+    maps ``lo`` / ``hi`` to codes 0 / ``code_max``, so clamping before equals clamping after). fbgemm then
+    accumulates ``(q_x - z_x) * w_q`` in int32 and applies an fp32 epilogue
+    (``acc * (s_x * w_scale[n]) + bias[n]``)."""
 
     def __init__(self, w_q, w_scale, bias, act):
         self.act = act
-        self.packed = _fbgemm_prepack(w_q, w_scale.float() * act.scale, bias)
+        self.packed = _fbgemm_prepack(w_q, w_scale, bias)
+        scale = torch.tensor(float(act.scale), dtype=torch.float32)
+        zp = int(act.zero_point)
+        self.range = None if act.code_max == 255 else \
+            (float(-zp * scale), float((act.code_max - zp) * scale))
 
     def run(self, x2d: torch.Tensor) -> torch.Tensor:
-        codes = static_codes(x2d, self.act)
+        x = x2d.float().contiguous()
+        if self.range is not None:
+            x = x.clamp(*self.range)
         return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            codes, 1.0, int(self.act.zero_point), self.packed)
+            x, float(self.act.scale), int(self.act.zero_point), self.packed)
 
 
 class FbgemmInt8(_Int8Candidate):
     """fbgemm prepacked int8 linear (torch.ao's engine): its own dynamic per-tensor quantization
-    (``dynamic_per_tensor``), or static per-tensor codes computed by slimfx (``static_per_tensor``). Its
-    AVX2 kernel (``vpmaddubsw``) saturates int16 pair sums for 8-bit codes; with 7-bit codes it is exact."""
+    (``dynamic_per_tensor``), or static per-tensor codes from its fused quantizer (``static_per_tensor``).
+    Its AVX2 kernel (``vpmaddubsw``) saturates int16 pair sums for 8-bit codes with 8-bit weights; with
+    7-bit codes or 7-bit weights it is exact."""
 
     name = "fbgemm"
     modes = ("dynamic_per_tensor", "static_per_tensor")
@@ -376,7 +395,7 @@ class _OnednnRun:
             # the uint8 codes in two more passes over the activation (not through QuantizedActivation's
             # signed values and back: six passes, ~5% of a 1024x4096x4096 layer)
             zp = int(self.act.zero_point)
-            q_u = static_codes(x2d, self.act).add_(zp).to(torch.uint8)
+            q_u = unsigned_codes(x2d, self.act.scale, zp, self.act.code_max).to(torch.uint8)
             return torch.ops.onednn.qlinear_pointwise(
                 q_u, float(self.act.scale), zp, self.packed, self.w_scale, self.w_zero_point, self.bias, 1.0, 0,
                 torch.float32, "none", [], "")

@@ -350,10 +350,11 @@ def _lookup_or_measure(family: str, bucket: str, measure: Callable[[str], Choice
         return choice
 
 
-def _probe_int8_weights(n: int, k: int, seed: int = 0):
+def _probe_int8_weights(n: int, k: int, seed: int = 0, weight_bits: int = 8):
     g = torch.Generator().manual_seed(seed)
-    w_q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
-    w_q[0, : min(k, 2)] = 127  # the worst case for int16 pair sums: same-sign full-range neighbours
+    top = 2 ** (weight_bits - 1) - 1
+    w_q = torch.randint(-top, top + 1, (n, k), generator=g, dtype=torch.int8)
+    w_q[0, : min(k, 2)] = top  # the worst case for int16 pair sums: same-sign full-range neighbours
     w_scale = torch.rand(n, generator=g) * 0.02 + 1e-3
     bias = torch.randn(n, generator=g)
     return w_q, w_scale, bias
@@ -381,7 +382,7 @@ def measure_int8(m: int, n: int, k: int, act: ActQuant | None = None,
                  dtype: torch.dtype = torch.float32, candidates: Iterable[str] | None = None) -> Choice:
     """Measure every int8 candidate at this shape on synthetic full-range weights (uncached)."""
     act = act or ActQuant()
-    w_q, w_scale, bias = _probe_int8_weights(n, k)
+    w_q, w_scale, bias = _probe_int8_weights(n, k, weight_bits=act.weight_bits)
     mm = _round_up_pow2(m)
     x_full = _probe_activation(mm, k, None, seed=2, act=act).to(dtype)
     x_check = _probe_activation(min(mm, CHECK_ROWS), k, w_q[0], act=act).to(dtype)
@@ -394,14 +395,16 @@ def measure_int8(m: int, n: int, k: int, act: ActQuant | None = None,
 
 def _probe_conv(x_shape: tuple[int, ...], w_shape: tuple[int, ...], geometry: ConvGeometry, act: ActQuant,
                 channels_last: bool):
-    """Synthetic full-range weights (filter 0 all +127, filter 1 all -127: the largest int16 pair sums for
-    any channel pairing a kernel uses), a timing input and a check input whose first image sits at the top
-    code everywhere (spatially cropped: the fp64 spec of a large conv would take seconds)."""
+    """Synthetic full-range weights (of ``act.weight_bits``; filter 0 all at the top code, filter 1 all at the
+    bottom: the largest int16 pair sums for any channel pairing a kernel uses), a timing input and a check
+    input whose first image sits at the top code everywhere (spatially cropped: the fp64 spec of a large conv
+    would take seconds)."""
     g = torch.Generator().manual_seed(0)
-    w_q = torch.randint(-127, 128, w_shape, generator=g, dtype=torch.int8)
-    w_q[0] = 127
+    top = 2 ** (act.weight_bits - 1) - 1
+    w_q = torch.randint(-top, top + 1, w_shape, generator=g, dtype=torch.int8)
+    w_q[0] = top
     if w_shape[0] > 1:
-        w_q[1] = -127
+        w_q[1] = -top
     w_scale = torch.rand(w_shape[0], generator=g) * 0.02 + 1e-3
     bias = torch.randn(w_shape[0], generator=g)
     hi, lo = _probe_range(act)

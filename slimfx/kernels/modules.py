@@ -82,8 +82,10 @@ class Int8Linear(_KernelModule):
       activations), what fbgemm runs natively; within 2e-2 x max|spec| of
       :func:`cpu_kernels.int8_linear_spec` (fbgemm rounds activation ties its own way).
     * ``"static_per_tensor"``: the calibrated ``act_scale`` / ``act_zero_point``, ``act_bits``-bit unsigned
-      codes (8: quint8; 7: torch.ao's reduce_range, which fbgemm / oneDNN compute exactly on AVX2 CPUs);
-      within 1e-4 x max|spec|, and for the ``dense`` kernel bit for bit the fake-quant simulation.
+      codes (8: quint8; 7: torch.ao's reduce_range) from fbgemm's fused quantizer
+      (:mod:`slimfx.kernels.affine_codes`); fbgemm / oneDNN compute them exactly on AVX2 CPUs for 7-bit codes
+      or 7-bit weights (the module reports its weights' width to the dispatcher); within 1e-4 x max|spec|,
+      and for the ``dense`` kernel bit for bit the fake-quant simulation.
 
     The output has the input's dtype; the arithmetic is int8 x int8 with an exact int32 accumulator (or
     fp32 emulating it exactly for the dense kernel) and an fp32 epilogue.
@@ -173,9 +175,24 @@ def _register_act_qparams(module: nn.Module, owner: str, mode: str, act_scale, a
 
 
 def _act_quant(module: nn.Module) -> ActQuant:
+    weight_bits = _weight_bits(module)
     if module.mode == "static_per_tensor":
-        return ActQuant(module.mode, float(module.act_scale), int(module.act_zero_point), module.act_bits)
-    return ActQuant(module.mode)
+        return ActQuant(module.mode, float(module.act_scale), int(module.act_zero_point), module.act_bits,
+                        weight_bits)
+    return ActQuant(module.mode, weight_bits=weight_bits)
+
+
+def _weight_bits(module: nn.Module) -> int:
+    """The fewest bits holding every weight code (``|w_q| <= 2**(b - 1) - 1``; at most 8), cached until the
+    weight changes: kernels that saturate on full-range 8-bit codes may be exact for narrower weights."""
+    token = _version_token(module.weight_int8)
+    cached = module.__dict__.get("_weight_bits_cache")
+    if cached is None or cached[0] != token:
+        w = module.weight_int8
+        top = max(int(w.max()), -int(w.min())) if w.numel() else 0
+        cached = (token, min(8, max(2, top.bit_length() + 1)))
+        module._weight_bits_cache = cached
+    return cached[1]
 
 
 def _mode_repr(module: nn.Module) -> str:
@@ -198,9 +215,10 @@ class Int8Conv2d(_KernelModule):
     channel, symmetric), ``bias`` fp32 [O] or None, and for ``static_per_tensor`` ``act_scale`` (fp32
     scalar) and ``act_zero_point`` (int32 scalar in [0, 2**act_bits - 1]). ``mode``:
 
-    * ``"static_per_tensor"``: ``x_hat = (clamp(round_half_even(x / s) + z, 0, 2**act_bits - 1) - z) * s``,
-      the fake-quant simulation's; ``act_bits=7`` (torch.ao's reduce_range) lets oneDNN's int8 convolution
-      run exactly on AVX2 CPUs;
+    * ``"static_per_tensor"``: ``x_hat = (u - z) * s`` with ``u = clamp(round_half_even(fl32(x * fl32(1 / s)
+      + z)), 0, 2**act_bits - 1)`` (a fused multiply-add), the fake-quant simulation's; ``act_bits=7``
+      (torch.ao's reduce_range) or weights within [-63, 63] let oneDNN's int8 convolution run exactly on AVX2
+      CPUs;
     * ``"weight_only"``: ``x_hat = x`` (float activations).
 
     Every kernel is within 1e-4 x max|spec| of :func:`conv_kernels.int8_conv2d_spec`; ``dense`` computes

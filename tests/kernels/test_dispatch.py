@@ -20,35 +20,39 @@ pytestmark = pytest.mark.usefixtures("private_kernel_cache")  # tests/conftest.p
 def _act(mode: str) -> ActQuant:
     if mode == "static_per_tensor_u7":
         return ActQuant("static_per_tensor", 0.08, 57, bits=7)
+    if mode == "static_per_tensor_w7":
+        return ActQuant("static_per_tensor", 0.04, 121, weight_bits=7)
     return ActQuant(mode, 0.04, 120) if mode == "static_per_tensor" else ActQuant(mode)
 
 
-ACT_LABELS = cpu_kernels.ACT_MODES + ("static_per_tensor_u7",)
+ACT_LABELS = cpu_kernels.ACT_MODES + ("static_per_tensor_u7", "static_per_tensor_w7")
 
 
-def _int8_problem(m: int, n: int, k: int, seed: int):
+def _int8_problem(m: int, n: int, k: int, seed: int, weight_bits: int = 8):
     g = torch.Generator().manual_seed(seed)
-    w_q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    top = 2 ** (weight_bits - 1) - 1
+    w_q = torch.randint(-top, top + 1, (n, k), generator=g, dtype=torch.int8)
     w_scale = torch.rand(n, generator=g) * 0.05 + 1e-3
     bias = torch.randn(n, generator=g)
     x = torch.randn(m, k, generator=g) * 2
     return x, w_q, w_scale, bias
 
 
-# Candidates whose numerics hold on every CPU; fbgemm's / oneDNN's 8-bit codes may saturate without VNNI,
-# their 7-bit codes never do.
+# Candidates whose numerics hold on every CPU; fbgemm's / oneDNN's 8-bit codes x 8-bit weights may saturate
+# without VNNI, 7-bit codes or 7-bit weights never do.
 EXACT_EVERYWHERE = {(name, label) for name in ("dense", "int_mm") for label in ACT_LABELS} | {
     ("fbgemm", "dynamic_per_tensor"), ("onednn", "dynamic_per_tensor"),
-    ("fbgemm", "static_per_tensor_u7"), ("onednn", "static_per_tensor_u7")}
+    ("fbgemm", "static_per_tensor_u7"), ("onednn", "static_per_tensor_u7"),
+    ("fbgemm", "static_per_tensor_w7"), ("onednn", "static_per_tensor_w7")}
 
 
 @settings(max_examples=20)
 @given(m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(1, 80),
        mode=st.sampled_from(ACT_LABELS), with_bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_int8_candidates_match_spec(m, n, k, mode, with_bias, seed):
-    x, w_q, w_scale, bias = _int8_problem(m, n, k, seed)
-    bias = bias if with_bias else None
     act = _act(mode)
+    x, w_q, w_scale, bias = _int8_problem(m, n, k, seed, act.weight_bits)
+    bias = bias if with_bias else None
     ref = cpu_kernels.int8_linear_spec(x, w_q, w_scale, bias, act)
     for name, cand in cpu_kernels.INT8_CANDIDATES.items():
         if name == "triton" or not cand.is_available() or not cand.supports(act):
@@ -84,10 +88,11 @@ def test_static_probe_reaches_the_top_code_and_7bit_codes_keep_fbgemm():
         codes = cpu_kernels.quantize_activation(x, act)
         assert int((codes.values[0].int() + codes.offset).min()) == act.code_max
     act7 = ActQuant("static_per_tensor", 0.02, 30, bits=7)
-    choice = dispatch.measure_int8(64, 64, 256, act7)
-    for name in ("fbgemm", "onednn"):
-        if cpu_kernels.INT8_CANDIDATES[name].is_available():
-            assert "wrong numbers" not in choice.rejected.get(name, ""), choice.rejected
+    for exact in (act7, ActQuant("static_per_tensor", 0.02, 30, weight_bits=7)):  # 7-bit codes or weights
+        choice = dispatch.measure_int8(64, 64, 256, exact)
+        for name in ("fbgemm", "onednn"):
+            if cpu_kernels.INT8_CANDIDATES[name].is_available():
+                assert "wrong numbers" not in choice.rejected.get(name, ""), (exact, choice.rejected)
     act8 = ActQuant("static_per_tensor", 0.02, 30)
     choice8 = dispatch.measure_int8(64, 64, 256, act8)
     w_q, w_scale, bias = dispatch._probe_int8_weights(64, 256)
@@ -99,21 +104,26 @@ def test_static_probe_reaches_the_top_code_and_7bit_codes_keep_fbgemm():
         wrong = "wrong numbers" in choice8.rejected.get("fbgemm", "")
         assert wrong == (err > INT8_TOLERANCE["static_per_tensor"]), err
     assert "M64 N64 K256 float32 static_per_tensor_u7" in dispatch.int8_bucket(50, 64, 256, act7, torch.float32)
+    w7 = dispatch._probe_int8_weights(64, 256, weight_bits=7)[0]
+    assert int(w7.abs().max()) == 63 and int(w7[0, :2].min()) == 63  # the probe's worst case at 7 bits
 
 
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(1, 3), c=st.integers(1, 6), o=st.integers(1, 6), size=st.integers(3, 8),
        kernel=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]), padding=st.sampled_from([0, 1]),
-       depthwise=st.booleans(), act_kind=st.sampled_from(["u7", "u8", "weight_only"]), with_bias=st.booleans(),
+       depthwise=st.booleans(), act_kind=st.sampled_from(["u7", "u8", "u8_w7", "weight_only"]),
+       with_bias=st.booleans(),
        channels_last=st.booleans(), seed=st.integers(0, 2**16))
 def test_conv_candidates_match_spec(n, c, o, size, kernel, stride, padding, depthwise, act_kind, with_bias,
                                     channels_last, seed):
     groups = c if depthwise else 1
     o = o * c if depthwise else o
     act = {"u7": ActQuant("static_per_tensor", 0.05, 70, bits=7), "u8": ActQuant("static_per_tensor", 0.03, 128),
+           "u8_w7": ActQuant("static_per_tensor", 0.03, 127, weight_bits=7),
            "weight_only": ActQuant("weight_only")}[act_kind]
     g = torch.Generator().manual_seed(seed)
-    w_q = torch.randint(-127, 128, (o, c // groups, kernel, kernel), generator=g, dtype=torch.int8)
+    top = 2 ** (act.weight_bits - 1) - 1
+    w_q = torch.randint(-top, top + 1, (o, c // groups, kernel, kernel), generator=g, dtype=torch.int8)
     w_scale = torch.rand(o, generator=g) * 0.05 + 1e-3
     bias = torch.randn(o, generator=g) if with_bias else None
     x = torch.randn(n, c, size, size, generator=g) * 2
@@ -133,8 +143,9 @@ def test_conv_candidates_match_spec(n, c, o, size, kernel, stride, padding, dept
 def test_conv_dispatch_rejects_saturating_kernels_caches_and_forces(monkeypatch):
     x_shape, w_shape, geometry = (2, 32, 6, 6), (8, 32, 3, 3), ConvGeometry.of(padding=1)
     act7, act8 = ActQuant("static_per_tensor", 0.05, 10, bits=7), ActQuant("static_per_tensor", 0.05, 10)
+    act8_w7 = ActQuant("static_per_tensor", 0.05, 10, weight_bits=7)
     onednn = conv_kernels.CONV_CANDIDATES["onednn"]
-    for act in (act7, act8):
+    for act in (act7, act8, act8_w7):
         choice = dispatch.measure_conv(x_shape, w_shape, geometry, act)
         assert choice.choice in choice.times_ms and choice.family == "conv"
         if not onednn.is_available():
@@ -144,8 +155,8 @@ def test_conv_dispatch_rejects_saturating_kernels_caches_and_forces(monkeypatch)
                                          conv_kernels.int8_conv2d_spec(x_check, w_q, w_scale, bias, geometry, act))
         wrong = "wrong numbers" in choice.rejected.get("onednn", "")
         assert wrong == (err > INT8_TOLERANCE[act.mode]), (act, err)
-        if act is act7:
-            assert err <= INT8_TOLERANCE[act.mode]  # 7-bit codes never saturate
+        if act is not act8:
+            assert err <= INT8_TOLERANCE[act.mode]  # 7-bit codes or 7-bit weights never saturate
     first = dispatch.select_conv_kernel(x_shape, w_shape, geometry, act7)
     key = next(k for k in json.loads(dispatch.cache_path().read_text())["entries"] if k.startswith("conv"))
     assert "N2 C32 H6 W6 O8 k3x3 s1x1 p1x1 d1x1 g1 float32 nchw static_per_tensor_u7" in key

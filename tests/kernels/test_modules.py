@@ -101,6 +101,21 @@ def test_int8_state_dict_round_trip_is_bit_identical(mode, tmp_path):
     assert fresh.last_kernel == module.last_kernel
 
 
+def test_int8_modules_report_the_width_of_their_weight_codes():
+    """Kernels that saturate on 8-bit weights may be exact for narrower ones: the module tells the dispatcher
+    how wide its codes are, and notices when they change."""
+    torch.manual_seed(0)
+    module = Int8Linear.from_float(nn.Linear(16, 8), "static_per_tensor", act_scale=0.05, act_zero_point=128)
+    assert module.act_quant().weight_bits == 8
+    module.weight_int8.clamp_(-63, 63)
+    assert module.act_quant().weight_bits == 7 and module.act_quant().label == "static_per_tensor_w7"
+    module.weight_int8[0, 0] = -128
+    assert module.act_quant().weight_bits == 8
+    conv = Int8Conv2d.from_float(nn.Conv2d(3, 4, 3), act_scale=0.1, act_zero_point=3, act_bits=7)
+    conv.weight_int8.clamp_(-7, 7)
+    assert conv.act_quant().weight_bits == 4
+
+
 def test_loading_new_weights_reprepares_the_kernel():
     torch.manual_seed(2)
     a, b = Int8Linear.from_float(nn.Linear(16, 8)), Int8Linear.from_float(nn.Linear(16, 8))

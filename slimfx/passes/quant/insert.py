@@ -9,8 +9,9 @@ ROLE is ``weights``, ``activations`` or ``observer``. Example::
 
     quant-insert{weights=int8-per-channel,rules=[@conv:weights:int8-per-tensor,fc2:activations:none]}
 
-For int8 CPU inference after ``lower-int8``, ``activations=int7-per-tensor`` (7-bit codes) is what fbgemm and
-oneDNN compute exactly on AVX2 CPUs without VNNI (see :mod:`slimfx.passes.quant.spec`).
+For int8 CPU inference after ``lower-int8``, ``weights=int7-per-channel`` (8-bit activation codes, 7-bit
+weights) or ``activations=int7-per-tensor`` (7-bit codes, 8-bit weights) is what fbgemm and oneDNN compute
+exactly on AVX2 CPUs without VNNI (see :mod:`slimfx.passes.quant.spec`).
 
 Weight fake-quant is frozen at once from the weight (its observer sees the weight). Activation fake-quant
 waits for ``calibrate`` and passes the float through until then, so this pass's contract is ``changes``.

@@ -7,9 +7,11 @@ int8 weight and scales. Activation mode:
 
 * ``static_per_tensor`` when the input goes through a frozen integer per-tensor fake-quant node (any width
   up to 8 bits), with its calibrated scale and zero point: the kernel's quantizer is the simulation's, bit
-  for bit. ``int7-per-tensor`` activations (7-bit codes, torch.ao's ``reduce_range``) are what fbgemm and
-  oneDNN compute exactly on AVX2 CPUs without VNNI; 8-bit codes need VNNI there (the dispatcher measures
-  and checks, it never assumes);
+  for bit (fbgemm's fused one, which then reads the fp32 input directly). 8-bit codes with 7-bit weights
+  (``weights=int7-per-channel``) or 7-bit codes (``activations=int7-per-tensor``, torch.ao's
+  ``reduce_range``) with 8-bit weights are what fbgemm and oneDNN compute exactly on AVX2 CPUs without
+  VNNI; 8-bit codes with 8-bit weights need VNNI there (the dispatcher measures and checks, it never
+  assumes);
 * ``dynamic_per_token`` (linears) when the input is a per-token fake-quant node;
 * an input without a fake-quant node: linears quantize it at run time per ``activations``
   (``dynamic-per-token``, the default and the GPU kernel's numerics, or ``dynamic-per-tensor``, torch.ao's
@@ -82,6 +84,7 @@ class _Plan:
     mode: str
     act_bits: int = 8
     geometry: ConvGeometry | None = None  # None for linears
+    weight_bits: int = 8
 
     @property
     def module_name(self) -> str:
@@ -167,10 +170,10 @@ class LowerInt8(Pass):
             if group:
                 modes = sorted({p.mode + (f"[{p.act_bits}-bit]" if p.act_bits != 8 else "") for p in group})
                 notes.append(f"lowered {len(group)} {kind} layer(s) to {module_name} ({', '.join(modes)})")
-        if any(p.mode == "static_per_tensor" and p.act_bits == 8 for p in plans):
-            notes.append("8-bit static activations: on x86 CPUs without VNNI the int8 kernels saturate on them "
-                         "and the dispatcher falls back to float; quant-insert{activations=int7-per-tensor} is "
-                         "exact with fbgemm/oneDNN there")
+        if any(p.mode == "static_per_tensor" and p.act_bits == 8 and p.weight_bits == 8 for p in plans):
+            notes.append("8-bit static activations with 8-bit weights: on x86 CPUs without VNNI the int8 kernels "
+                         "saturate on them and the dispatcher falls back to float; quant-insert{weights="
+                         "int7-per-channel} (or activations=int7-per-tensor) is exact with fbgemm/oneDNN there")
         return PassResult(stats=stats, notes=notes, bound=bound)
 
     def _plan(self, program: Program, node: fx.Node, notes: list[str]) -> _Plan | None:
@@ -221,7 +224,8 @@ class LowerInt8(Pass):
             if not afq.frozen:
                 notes.append(f"kept %{label}: its input's fake-quant is not calibrated (run calibrate first)")
                 return None
-            return _Plan(node, label, x.args[0], raw_weight, x, "static_per_tensor", aspec.bits, geometry)
+            return _Plan(node, label, x.args[0], raw_weight, x, "static_per_tensor", aspec.bits, geometry,
+                         wfq.spec.bits)
         notes.append(f"kept %{label}: activations are {aspec}; {module_name} runs integer per-tensor (static)"
                      + ("" if is_conv else " or per-token") + " activations")
         return None

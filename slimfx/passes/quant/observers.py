@@ -19,6 +19,7 @@ N shards of the data choose exactly the qparams one process observing all of it 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -220,8 +221,7 @@ class MSEObserver(HistogramObserver):
         centres = ((edges[1:] + edges[:-1]) / 2).float()  # [bins]
         counts = self.histogram.float()  # [slots, bins]
         lo, hi = self.min_val, self.max_val
-        tensor_spec = QuantSpec(self.spec.text, self.spec.dtype, self.spec.bits, "per-tensor",
-                                self.spec.symmetric, self.spec.narrow)
+        tensor_spec = dataclasses.replace(self.spec, granularity="per-tensor")
         best_err = torch.full_like(lo, float("inf"))
         best_lo, best_hi = lo.clone(), hi.clone()
         for step in range(self.steps, 0, -1):

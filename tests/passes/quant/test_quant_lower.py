@@ -81,13 +81,17 @@ def test_lowered_random_cnns_stay_within_the_stated_bound(pipeline, pair):
 @settings(max_examples=40, deadline=None)
 @given(data=st.data(), lead=st.lists(st.integers(1, 4), max_size=2), k=st.integers(1, 64), n=st.integers(1, 33),
        bias=st.booleans(), kernel=st.sampled_from(["dense", "fbgemm", "onednn", "int_mm", "auto"]),
-       zero_point=st.integers(-64, 63), scale=st.floats(1e-3, 10.0), seed=st.integers(0, 2**16))
-def test_7bit_int8_linear_equals_the_fake_quant_simulation(data, lead, k, n, bias, kernel, zero_point, scale, seed):
-    """Integer accumulation exact, epilogue within a few fp32 ulps: for K <= 64 the tolerance is under a
-    quarter of one activation step times any nonzero weight, so a single wrongly quantized or saturated
-    code fails the test."""
+       schemes=st.sampled_from([("int7-per-tensor", "int8-per-channel"), ("int8-per-tensor", "int7-per-channel")]),
+       scale=st.floats(1e-3, 10.0), seed=st.integers(0, 2**16))
+def test_int8_linear_on_unsaturated_schemes_equals_the_fake_quant_simulation(data, lead, k, n, bias, kernel,
+                                                                             schemes, scale, seed):
+    """7-bit activation codes with 8-bit weights, or 8-bit codes with 7-bit weights: the schemes whose int16
+    pair sums cannot saturate on AVX2. Integer accumulation exact, epilogue within a few fp32 ulps: for
+    K <= 64 the tolerance is under a quarter of one activation step times any nonzero weight, so a single
+    wrongly quantized or saturated code fails the test (fbgemm quantizes the fp32 input itself)."""
     g = torch.Generator().manual_seed(seed)
-    a_spec, w_spec = parse_spec("int7-per-tensor", "activation"), parse_spec("int8-per-channel", "weight")
+    a_spec, w_spec = parse_spec(schemes[0], "activation"), parse_spec(schemes[1], "weight")
+    zero_point = data.draw(st.integers(a_spec.qmin, a_spec.qmax), label="zero_point")
     s = torch.tensor(scale, dtype=torch.float32)
     zp = torch.tensor(zero_point, dtype=torch.int32)
     # codes across the whole range and past both ends, on the grid, at ties (x.5) and in between
@@ -97,14 +101,14 @@ def test_7bit_int8_linear_equals_the_fake_quant_simulation(data, lead, k, n, bia
     x.view(-1)[: min(2, x.numel())] = torch.tensor([(a_spec.qmax - zero_point) * scale,
                                                     (a_spec.qmin - zero_point) * scale])[: min(2, x.numel())]
     w = torch.randn(n, k, generator=g) * data.draw(st.sampled_from([1e-3, 1.0, 50.0]))
-    w_scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-8)
+    w_scale = (w.abs().amax(dim=1) / w_spec.qmax).clamp_min(1e-8)
     w_hat = fake_quantize(w, w_scale, torch.zeros(n, dtype=torch.int32), w_spec)
     b = torch.randn(n, generator=g) if bias else None
     x_hat = fake_quantize(x, s, zp, a_spec)
     simulated = F.linear(x_hat, w_hat, b)
 
     module = Int8Linear(k, n, bias, "static_per_tensor", act_scale=s, act_zero_point=zero_point - a_spec.qmin,
-                        act_bits=7, kernel=None if kernel == "auto" else kernel)
+                        act_bits=a_spec.bits, kernel=None if kernel == "auto" else kernel)
     module.weight_int8.copy_(torch.round(w / w_scale[:, None]).to(torch.int8))
     module.weight_scale.copy_(w_scale)
     if bias:
