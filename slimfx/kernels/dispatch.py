@@ -47,6 +47,8 @@ PILOT_ROWS = 16
 CACHE_VERSION = 1
 
 _memory: dict[str, Choice] = {}
+#: Bumped by :func:`clear_memory_cache`; kernel modules key their per-module memo of choices on it.
+generation = 0
 _lock = threading.Lock()
 
 
@@ -170,9 +172,11 @@ def _choice_from_json(entry: dict) -> Choice | None:
 
 
 def clear_memory_cache() -> None:
-    """Forget the choices made in this process (the disk cache is untouched)."""
+    """Forget the choices made in this process (the disk cache is untouched), modules' memos included."""
+    global generation
     with _lock:
         _memory.clear()
+        generation += 1
 
 
 # ------------------------------------------------------------------ forcing

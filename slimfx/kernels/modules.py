@@ -15,6 +15,7 @@ import os
 import torch
 import torch.nn as nn
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensor
 
 from slimfx.errors import KernelError
 from slimfx.kernels import conv_kernels, cpu_kernels, dispatch
@@ -24,13 +25,7 @@ from slimfx.kernels.cpu_kernels import ACT_MODES, CONV_ACT_MODES, ActQuant
 
 
 def _is_shape_only(x: torch.Tensor) -> bool:
-    if x.device.type == "meta":
-        return True
-    try:
-        from torch._subclasses.fake_tensor import is_fake
-    except ImportError:
-        return False
-    return is_fake(x)
+    return x.device.type == "meta" or isinstance(x, FakeTensor)
 
 
 def _record_leaf_call(module: nn.Module, x: fx.Proxy) -> fx.Proxy:
@@ -50,17 +45,36 @@ class _KernelModule(nn.Module):
         self.kernel = kernel
         self.last_kernel: str | None = None
         self._prepared: tuple | None = None
+        self._kernel_choices: dict[tuple, object] = {}
+
+    def _memo_choice(self, key: tuple, choose):
+        """``choose()``'s answer, asked once per ``key`` + forcing + dispatcher generation.
+
+        Asking the dispatcher costs ~50-150 us per call (the forcing env var parsed, the bucket formatted,
+        the activation qparams read from their buffers, the weight's width or density computed): ~5% of a
+        256x1024x1024 int8 layer and ~9% of a 90%-sparse one. ``key`` must hold everything the answer
+        depends on (shape bucket, device, dtype, the version tokens of the module's tensors).
+        """
+        key = key + (self.kernel, os.environ.get("SLIMFX_KERNEL"), dispatch.generation)
+        answer = self._kernel_choices.get(key)
+        if answer is None:
+            if len(self._kernel_choices) >= 64:  # keys of old weight versions / devices pile up otherwise
+                self._kernel_choices.clear()
+            answer = self._kernel_choices[key] = choose()
+        return answer
 
     def _prepared_for(self, name: str, token: tuple, prepare):
         key = (name, token)
         if self._prepared is None or self._prepared[0] != key:
             self._prepared = (key, prepare())
-        self.last_kernel = name
+        if self.last_kernel != name:
+            self.last_kernel = name
         return self._prepared[1]
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_prepared"] = None  # prepacked library objects are rebuilt on demand, never copied/pickled
+        state["_kernel_choices"] = {}  # keyed by the source tensors' addresses: meaningless in a copy
         return state
 
     def _kernel_repr(self) -> str:
@@ -140,10 +154,14 @@ class Int8Linear(_KernelModule):
         if _is_shape_only(x):
             return x.new_empty(*lead, self.out_features)
         x2d = x.reshape(-1, self.in_features)
-        act = self.act_quant()
-        name = dispatch.select_int8_kernel(x2d.shape[0], self.out_features, self.in_features, act,
-                                           device=x.device, dtype=x.dtype, kernel=self.kernel)
-        token = _version_token(self.weight_int8, self.weight_scale, self.bias) + (act,)
+        token = _version_token(self.weight_int8, self.weight_scale, self.bias, *_act_buffers(self))
+
+        def choose() -> tuple[ActQuant, str]:
+            act = self.act_quant()
+            return act, dispatch.select_int8_kernel(x2d.shape[0], self.out_features, self.in_features, act,
+                                                    device=x.device, dtype=x.dtype, kernel=self.kernel)
+
+        act, name = self._memo_choice((dispatch._round_up_pow2(x2d.shape[0]), x.device, x.dtype, token), choose)
         prepared = self._prepared_for(name, token, lambda: cpu_kernels.INT8_CANDIDATES[name].prepare(
             self.weight_int8, self.weight_scale, self.bias, act))
         return prepared.run(x2d).to(x.dtype).reshape(*lead, self.out_features)
@@ -172,6 +190,11 @@ def _register_act_qparams(module: nn.Module, owner: str, mode: str, act_scale, a
     if act_bits != 8:
         raise KernelError(f"{owner}(mode={mode!r}): act_bits is for mode='static_per_tensor'")
     return 8
+
+
+def _act_buffers(module: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The static activation qparam buffers (their version tokens key the module's memo of choices)."""
+    return (module.act_scale, module.act_zero_point) if module.mode == "static_per_tensor" else ()
 
 
 def _act_quant(module: nn.Module) -> ActQuant:
@@ -289,12 +312,17 @@ class Int8Conv2d(_KernelModule):
         if _is_shape_only(x):
             out = x4d.new_empty(n, self.out_channels, oh, ow)
             return out if batched else out.squeeze(0)
-        act = self.act_quant()
         channels_last = conv_kernels.memory_format_of(x4d) == torch.channels_last
-        name = dispatch.select_conv_kernel(tuple(x4d.shape), tuple(self.weight_int8.shape), self.geometry, act,
-                                           device=x.device, dtype=x.dtype, channels_last=channels_last,
-                                           kernel=self.kernel)
-        token = _version_token(self.weight_int8, self.weight_scale, self.bias) + (act,)
+        token = _version_token(self.weight_int8, self.weight_scale, self.bias, *_act_buffers(self))
+
+        def choose() -> tuple[ActQuant, str]:
+            act = self.act_quant()
+            return act, dispatch.select_conv_kernel(tuple(x4d.shape), tuple(self.weight_int8.shape), self.geometry,
+                                                    act, device=x.device, dtype=x.dtype,
+                                                    channels_last=channels_last, kernel=self.kernel)
+
+        key = (dispatch._round_up_pow2(n),) + tuple(x4d.shape[1:]) + (channels_last, x.device, x.dtype, token)
+        act, name = self._memo_choice(key, choose)
         prepared = self._prepared_for(name, token, lambda: conv_kernels.CONV_CANDIDATES[name].prepare(
             self.weight_int8, self.weight_scale, self.bias, self.geometry, act))
         out = prepared.run(x4d).to(x.dtype)
@@ -332,7 +360,6 @@ class BlockSparseLinear(_KernelModule):
         self.register_buffer("col_indices", torch.zeros(nnz_blocks, dtype=torch.int32))
         self.register_buffer("values", torch.zeros(nnz_blocks, bh, bw, dtype=dtype))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
-        self._kernel_choices: dict[tuple, str] = {}
         if kernel is not None:
             dispatch.forced_kernel("bsr", kernel)
 
@@ -359,11 +386,6 @@ class BlockSparseLinear(_KernelModule):
             module.bias.copy_(bias)
         return module
 
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state["_kernel_choices"] = {}  # keyed by the source tensors' addresses: meaningless in a copy
-        return state
-
     @property
     def weight(self) -> BSRWeight:
         return BSRWeight((self.out_features, self.in_features), self.block, self.crow_indices,
@@ -382,23 +404,6 @@ class BlockSparseLinear(_KernelModule):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
-    def _kernel_for(self, m: int, device: torch.device, token: tuple) -> str:
-        """The dispatcher's choice for ``m`` rows, asked once per (M bucket, device, weights, forcing).
-
-        Asking costs ~50-150 us (it reads /proc/cpuinfo for the machine key, formats the bucket, rebuilds
-        the weight's density), ~9% of a 256x1024x1024 layer at 90% sparsity.
-        """
-        key = (dispatch._round_up_pow2(m), device, token, self.kernel, os.environ.get("SLIMFX_KERNEL"))
-        name = self._kernel_choices.get(key)
-        if name is None:
-            if len(self._kernel_choices) >= 64:  # keys of old weight versions / devices pile up otherwise
-                self._kernel_choices.clear()
-            name = dispatch.select_bsr_kernel(m, self.out_features, self.in_features, self.block,
-                                              self.density, device=device, dtype=self.values.dtype,
-                                              kernel=self.kernel)
-            self._kernel_choices[key] = name
-        return name
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, fx.Proxy):
             return _record_leaf_call(self, x)
@@ -410,7 +415,10 @@ class BlockSparseLinear(_KernelModule):
             return x.new_empty(*lead, self.out_features)
         x2d = x.reshape(-1, self.in_features)
         token = _version_token(self.crow_indices, self.col_indices, self.values, self.bias)
-        name = self._kernel_for(x2d.shape[0], x.device, token)
+        name = self._memo_choice((dispatch._round_up_pow2(x2d.shape[0]), x.device, token),
+                                 lambda: dispatch.select_bsr_kernel(
+                                     x2d.shape[0], self.out_features, self.in_features, self.block, self.density,
+                                     device=x.device, dtype=self.values.dtype, kernel=self.kernel))
         prepared = self._prepared_for(name, token,
                                       lambda: cpu_kernels.BSR_CANDIDATES[name].prepare(self.weight, self.bias))
         return prepared.run(x2d).to(x.dtype).reshape(*lead, self.out_features)

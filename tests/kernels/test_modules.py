@@ -116,6 +116,30 @@ def test_int8_modules_report_the_width_of_their_weight_codes():
     assert conv.act_quant().weight_bits == 4
 
 
+def test_changed_qparams_or_a_cleared_dispatcher_reach_the_memoized_choice(monkeypatch):
+    """The module memoizes its kernel choice and activation qparams per input bucket; new qparams in place,
+    new weight codes or a cleared dispatcher must not run the stale ones."""
+    torch.manual_seed(3)
+    linear = nn.Linear(32, 8)
+    module = Int8Linear.from_float(linear, "static_per_tensor", act_scale=0.05, act_zero_point=128)
+    x = torch.randn(4, 32)
+    module(x)
+    module.act_scale.fill_(0.02)
+    module.act_zero_point.fill_(100)
+    want = cpu_kernels.int8_linear_spec(x, module.weight_int8, module.weight_scale, module.bias, module.act_quant())
+    assert cpu_kernels.relative_error(module(x), want) <= cpu_kernels.INT8_TOLERANCE["static_per_tensor"]
+    module.weight_int8.clamp_(-63, 63)  # now 7-bit weights: a different dispatcher bucket
+    asked = []
+    real = dispatch.select_int8_kernel
+    monkeypatch.setattr(dispatch, "select_int8_kernel", lambda *a, **k: asked.append(a[3]) or real(*a, **k))
+    module(x)
+    module(x)
+    assert [act.weight_bits for act in asked] == [7]
+    dispatch.clear_memory_cache()
+    module(x)
+    assert len(asked) == 2
+
+
 def test_loading_new_weights_reprepares_the_kernel():
     torch.manual_seed(2)
     a, b = Int8Linear.from_float(nn.Linear(16, 8)), Int8Linear.from_float(nn.Linear(16, 8))
