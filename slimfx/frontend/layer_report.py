@@ -284,6 +284,8 @@ def _facts(site: _Site, values: dict[fx.Node, Any]) -> _Facts:
                 raise SlimfxError(f"the layer report does not know where {type(module).__name__} "
                                   f"({site.node.target}) keeps its weight")
             shape, zeros, weight_bits = tuple(weight.shape), int((weight == 0).sum()), _bits(weight.dtype)
+            if hasattr(module, "act_quant"):  # int8 storage of narrower codes (int7 / int4 schemes)
+                weight_bits = module.act_quant().weight_bits
         mode = getattr(module, "mode", "")
         act_bits = in_bits if mode == "weight_only" else int(getattr(module, "act_bits", 8))
         family = _KERNEL_FAMILY.get(type(module), type(module).__name__)

@@ -139,16 +139,17 @@ def test_fake_quant_bits_and_sqnr():
     assert sqnr[4, "conv"] < sqnr[8, "conv"] - 10  # 4-bit weights: over 10 dB more noise than 8-bit
 
 
-def test_int8_lowered_rows_name_the_kernel():
+@pytest.mark.parametrize("weight_bits", [8, 7])
+def test_int8_lowered_rows_name_the_kernel(weight_bits):
     model, inputs = _mlp()
-    pipeline = "quant-insert,calibrate{batches=4,progress=false},lower-int8"
+    pipeline = f"quant-insert{{weights=int{weight_bits}-per-channel}},calibrate{{batches=4,progress=false}},lower-int8"
     compressed = compress(model, pipeline, inputs, calib_data=_calib(inputs))
     rows = _rows(model, compressed.program, inputs)
     assert [r for r in rows if rows[r]["kind"] != "state"] == ["fc1", "fc2"]  # names of the original modules
     for r in (rows["fc1"], rows["fc2"]):
         family, _, name = r["kernel"].partition(":")
         assert family == "int8" and name in INT8_CANDIDATES
-        assert r["weight_bits"] == 8 and r["act_bits"] == 8
+        assert r["weight_bits"] == weight_bits and r["act_bits"] == 8  # 7-bit codes are stored in int8
         assert r["params"] == r["params_before"]
         assert r["bytes_after"] < r["bytes_before"] / 3
         assert isinstance(r["sqnr_db"], float) and r["sqnr_db"] > 25
