@@ -8,7 +8,7 @@ and still equal the simulation exactly. So the simulation of static per-tensor a
 (:func:`slimfx.passes.quant.spec.fake_quantize`) and every other kernel (dense fallback, oneDNN, convs) use
 :func:`unsigned_codes`.
 
-torch has no fp32 fused multiply-add op; :func:`fused_multiply_add` uses ``torch.addcmul`` where a one-time
+torch has no fp32 fused multiply-add op; :func:`fused_multiply_add` uses ``Tensor.addcmul_`` where a one-time
 self-test on adversarial values (per device type) shows it is fused, and an exact float64 emulation
 elsewhere (the product of two fp32 is exact in float64; the one rounding of the sum to float64 cannot move a
 value across a half-integer that the fp32 rounding would not).
@@ -43,7 +43,7 @@ def _shape_only(x: torch.Tensor) -> bool:
 
 @functools.cache
 def addcmul_is_fused(device_type: str) -> bool:
-    """Whether ``torch.addcmul(z, x, inv)`` rounds once on ``device_type`` (checked on values whose
+    """Whether ``z.addcmul_(x, inv)`` rounds once on ``device_type`` (checked on values whose
     separately rounded product lands on the other side of a half-integer; lengths exercise vector tails)."""
     g = torch.Generator().manual_seed(0)
     scale = torch.tensor(0.0371, dtype=torch.float32)
@@ -54,17 +54,23 @@ def addcmul_is_fused(device_type: str) -> bool:
         for z in (0.0, 77.0, 128.0):
             zt = torch.tensor(z)
             want = _emulated(x, inv, zt)
-            got = torch.addcmul(zt.to(device_type), x.to(device_type), inv.to(device_type)).cpu()
+            got = _addcmul(x.to(device_type), inv.to(device_type), zt.to(device_type)).cpu()
             if not torch.equal(got, want):
                 return False
     return True
+
+
+def _addcmul(x: torch.Tensor, inv: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    # z filled into an x-shaped tensor (x's memory format), then in place: ~20% faster on CPU than
+    # torch.addcmul(z, x, inv), whose two 0-dim operands take a slower broadcasting path
+    return torch.empty_like(x).copy_(z).addcmul_(x, inv)
 
 
 def fused_multiply_add(x: torch.Tensor, inv: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``fl32(x * inv + z)`` rounded once, elementwise, as a new fp32 tensor (``x`` fp32; ``inv``, ``z``
     0-dim fp32 tensors on ``x``'s device)."""
     if _shape_only(x) or addcmul_is_fused(x.device.type):
-        return torch.addcmul(z, x, inv)
+        return _addcmul(x, inv, z)
     return _emulated(x, inv, z)
 
 
