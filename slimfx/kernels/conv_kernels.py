@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from slimfx.errors import KernelError
-from slimfx.kernels.affine_codes import unsigned_codes
 from slimfx.kernels.cpu_kernels import ActQuant, PreparedKernel, static_codes
 
 
@@ -162,7 +161,7 @@ class _OnednnConvRun:
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         g, zp = self.geometry, int(self.act.zero_point)
-        codes = unsigned_codes(x, self.act.scale, zp, self.act.code_max)
+        codes = static_codes(x, self.act).add_(zp)
         q = torch.empty(codes.shape, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
         q.copy_(codes)
         y = torch.ops.onednn.qconv2d_pointwise(

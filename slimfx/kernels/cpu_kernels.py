@@ -21,23 +21,25 @@ them the weight is int8 ``w_q [N, K]`` with a per-output-channel fp32 scale ``w_
   ``z_x = clamp(round(-lo / s_x), 0, 127)`` (torch's ``ChooseQuantizationParams``),
   ``q_x = clamp(round(x * (1 / s_x)) + z_x, 0, 127)``.
 * ``static_per_tensor``: a calibrated ``s_x`` and ``z_x`` in ``[0, 2**bits - 1]`` (quint8, the torch.ao
-  static convention, for ``bits=8``), ``q_x = clamp(round_half_even(fl32(x * fl32(1 / s_x) + z_x)), 0,
-  2**bits - 1)`` with a fused multiply-add: fbgemm's quantizer and the fake-quant simulation's
-  (:mod:`slimfx.kernels.affine_codes`). ``bits=7`` is torch.ao's ``reduce_range``: with codes <= 127 and
-  weights in [-127, 127] the int16 pair sums of ``vpmaddubsw`` cannot saturate, and neither can 8-bit codes
-  with weights in [-63, 63] (``ActQuant.weight_bits=7``), so fbgemm and oneDNN are exact on AVX2 CPUs
-  without VNNI for either.
+  static convention, for ``bits=8``), ``q_x = clamp(round_half_even(x / s_x) + z_x, 0, 2**bits - 1)`` (the
+  fake-quant simulation's and ONNX QuantizeLinear's). ``bits=7`` is torch.ao's ``reduce_range``: with codes
+  <= 127 and weights in [-127, 127] the int16 pair sums of ``vpmaddubsw`` cannot saturate, and neither can
+  8-bit codes with weights in [-63, 63] (``ActQuant.weight_bits=7``), so fbgemm, oneDNN and onnxruntime
+  are exact on AVX2 CPUs without VNNI for either.
 
-Every candidate computes ``q_x`` exactly as the spec does, except fbgemm's own dynamic quantization (a
-multiply by ``1 / s_x`` then the zero point, whose ties may round differently); the static fbgemm path
-hands fbgemm the fp32 input and fbgemm's fused quantizer computes the spec's codes. The tolerances in
-:data:`INT8_TOLERANCE` state how far a candidate may be from
-:func:`int8_linear_spec`.
+Every candidate computes ``q_x`` the same way (an fp32 division, like the fake-quant simulation), except
+fbgemm's own dynamic quantization (a vectorised multiply by ``1 / s_x`` whose ties may round
+differently); the static fbgemm path quantizes in torch and hands fbgemm the integer codes (fbgemm's own
+quantizer, ``round(fma(x, 1 / s, z))``, differs from the division at near-ties), so it is exact; onnxruntime
+quantizes with its QuantizeLinear, which is the division. The tolerances in :data:`INT8_TOLERANCE` state how
+far a candidate may be from :func:`int8_linear_spec`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Protocol
@@ -46,7 +48,6 @@ import torch
 import torch.nn.functional as F
 
 from slimfx.errors import KernelError
-from slimfx.kernels.affine_codes import unsigned_codes
 
 ACT_MODES = ("dynamic_per_token", "dynamic_per_tensor", "static_per_tensor")
 #: Activation modes of :class:`slimfx.kernels.Int8Conv2d`: ``weight_only`` keeps the activation in float.
@@ -187,12 +188,13 @@ def quantize_activation(x2d: torch.Tensor, act: ActQuant) -> QuantizedActivation
 def static_codes(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
     """``q_x - z_x`` of a ``static_per_tensor`` activation as an fp32 tensor of small integers.
 
-    ``clamp(round_half_even(fl32(x * fl32(1 / s_x) + z_x)), 0, code_max) - z_x`` (fused multiply-add:
-    fbgemm's quantizer and the fake-quant simulation's, see :mod:`slimfx.kernels.affine_codes`), for any
-    layout of ``x``; a new tensor, ``x`` is not modified.
+    ``clamp(round_half_even(x / s_x), -z_x, code_max - z_x)``: the fake-quant simulation's
+    ``clamp(round(x / s) + z, qmin, qmax) - z`` for any layout of ``x`` (an fp32 division, so bit for bit).
+    Three passes over ``x`` (division, rounding, clamp in place), a new tensor; ``x`` is not modified.
     """
     zp = int(act.zero_point)
-    return unsigned_codes(x, act.scale, zp, act.code_max).sub_(zp)
+    scale = torch.tensor(float(act.scale), dtype=torch.float32, device=x.device)
+    return torch.div(x.float(), scale).round_().clamp_(-zp, act.code_max - zp)
 
 
 def int8_linear_spec(x2d: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
@@ -335,32 +337,24 @@ class _FbgemmDynamicRun:
 
 
 class _FbgemmStaticRun:
-    """Static activations: the fp32 input goes straight to fbgemm, whose fused quantizer computes the
-    simulation's codes (:mod:`slimfx.kernels.affine_codes`) while it packs them. It clamps codes to
-    [0, 255] itself; narrower codes are clamped here first, on the input (the quantizer is monotone and
-    maps ``lo`` / ``hi`` to codes 0 / ``code_max``, so clamping before equals clamping after). fbgemm then
-    accumulates ``(q_x - z_x) * w_q`` in int32 and applies an fp32 epilogue
-    (``acc * (s_x * w_scale[n]) + bias[n]``)."""
+    """Static activations: the codes are computed here (:func:`static_codes`, the simulation's division)
+    and handed to fbgemm as floats with scale 1, which it converts to uint8 exactly; ``s_x`` is folded
+    into the packed per-channel weight scales. fbgemm then accumulates ``(q_x - z_x) * w_q`` in int32 and
+    applies an fp32 epilogue (``acc * (s_x * w_scale[n]) + bias[n]``)."""
 
     def __init__(self, w_q, w_scale, bias, act):
         self.act = act
-        self.packed = _fbgemm_prepack(w_q, w_scale, bias)
-        scale = torch.tensor(float(act.scale), dtype=torch.float32)
-        zp = int(act.zero_point)
-        self.range = None if act.code_max == 255 else \
-            (float(-zp * scale), float((act.code_max - zp) * scale))
+        self.packed = _fbgemm_prepack(w_q, w_scale.float() * act.scale, bias)
 
     def run(self, x2d: torch.Tensor) -> torch.Tensor:
-        x = x2d.float().contiguous()
-        if self.range is not None:
-            x = x.clamp(*self.range)
+        codes = static_codes(x2d, self.act)
         return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            x, float(self.act.scale), int(self.act.zero_point), self.packed)
+            codes, 1.0, int(self.act.zero_point), self.packed)
 
 
 class FbgemmInt8(_Int8Candidate):
     """fbgemm prepacked int8 linear (torch.ao's engine): its own dynamic per-tensor quantization
-    (``dynamic_per_tensor``), or static per-tensor codes from its fused quantizer (``static_per_tensor``).
+    (``dynamic_per_tensor``), or static per-tensor codes computed by slimfx (``static_per_tensor``).
     Its AVX2 kernel (``vpmaddubsw``) saturates int16 pair sums for 8-bit codes with 8-bit weights; with
     7-bit codes or 7-bit weights it is exact."""
 
@@ -395,7 +389,7 @@ class _OnednnRun:
             # the uint8 codes in two more passes over the activation (not through QuantizedActivation's
             # signed values and back: six passes, ~5% of a 1024x4096x4096 layer)
             zp = int(self.act.zero_point)
-            q_u = unsigned_codes(x2d, self.act.scale, zp, self.act.code_max).to(torch.uint8)
+            q_u = static_codes(x2d, self.act).add_(zp).to(torch.uint8)
             return torch.ops.onednn.qlinear_pointwise(
                 q_u, float(self.act.scale), zp, self.packed, self.w_scale, self.w_zero_point, self.bias, 1.0, 0,
                 torch.float32, "none", [], "")
@@ -424,10 +418,99 @@ class OnednnQLinear(_Int8Candidate):
         return _OnednnRun(w_q, w_scale, bias, act)
 
 
+class _OnnxruntimeRun:
+    """One onnxruntime session per prepared weight: ``Clip`` (narrow codes only) -> ``QuantizeLinear`` (the
+    division, round half to even: the simulation's codes) -> ``com.microsoft.MatMulIntegerToFloat`` (MLAS's
+    u8 x s8 GEMM with the weight prepacked at session creation, int32 accumulation, fp32 epilogue and bias).
+    Measured on an AVX2 EPYC it runs 1.1-1.2x fbgemm's GEMM at 512x1024x4096 / 512x4096x1024."""
+
+    def __init__(self, w_q, w_scale, bias, act):
+        import numpy as np
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        n, k = w_q.shape
+        zp = int(act.zero_point)
+        scale = np.array(float(act.scale), dtype=np.float32)
+        consts = {"a_scale": scale, "a_zero_point": np.array(zp, dtype=np.uint8),
+                  "w": w_q.t().contiguous().numpy(), "w_scale": w_scale.float().contiguous().numpy(),
+                  "w_zero_point": np.zeros(n, dtype=np.int8)}
+        nodes, x_name = [], "x"
+        if act.code_max < 255:  # QuantizeLinear clamps to uint8's range; narrower codes are clipped first
+            consts["lo"] = np.array(-zp * scale, dtype=np.float32)
+            consts["hi"] = np.array((act.code_max - zp) * scale, dtype=np.float32)
+            nodes.append(helper.make_node("Clip", ["x", "lo", "hi"], ["x_clipped"]))
+            x_name = "x_clipped"
+        nodes.append(helper.make_node("QuantizeLinear", [x_name, "a_scale", "a_zero_point"], ["q"]))
+        inputs = ["q", "w", "a_scale", "w_scale", "a_zero_point", "w_zero_point"]
+        if bias is not None:
+            consts["bias"] = bias.float().contiguous().numpy()
+            inputs.append("bias")
+        nodes.append(helper.make_node("MatMulIntegerToFloat", inputs, ["y"], domain="com.microsoft"))
+        graph = helper.make_graph(
+            nodes, "slimfx_int8_linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+            initializer=[numpy_helper.from_array(v, name) for name, v in consts.items()])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        # its pool would otherwise spin-wait after each run, stealing the cores from the torch ops around it
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # the extended level rewrites QuantizeLinear + MatMulIntegerToFloat into a path measured 1.6x slower
+        # for an unknown batch size
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def run(self, x2d: torch.Tensor) -> torch.Tensor:
+        x = x2d.detach().float().contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {"x": x})[0])
+
+
+class OnnxruntimeInt8(_Int8Candidate):
+    """onnxruntime's int8 linear (MLAS), for static per-tensor activations, when onnxruntime is installed
+    (``pip install slimfx[onnx]``). Its u8 x s8 kernels saturate int16 pair sums on AVX2 for 8-bit codes with
+    8-bit weights (the dispatcher's probe rejects it there); with 7-bit codes or 7-bit weights it is exact."""
+
+    name = "onnxruntime"
+    modes = ("static_per_tensor",)
+
+    def is_available(self) -> bool:
+        return _onnxruntime_available()
+
+    def skip_reason(self) -> str | None:
+        """Why the dispatcher should not pick it here (forcing it still works): beside torch's OpenMP threads,
+        which spin-wait for milliseconds after each op unless ``OMP_WAIT_POLICY=PASSIVE``, its own threads
+        get half the cores — measured 1.5x slower than alone, slower than fbgemm."""
+        if torch.get_num_threads() == 1 or _openmp_threads_sleep_when_idle():
+            return None
+        return ("torch's OpenMP threads spin-wait after each op and slow its threads ~1.5x; start Python with "
+                "OMP_WAIT_POLICY=PASSIVE to use it")
+
+    def prepare(self, w_q, w_scale, bias, act) -> PreparedKernel:
+        return _OnnxruntimeRun(w_q, w_scale, bias, act)
+
+
+def _openmp_threads_sleep_when_idle() -> bool:
+    """Whether the environment (read by libgomp when torch loads it) makes OpenMP workers sleep at once."""
+    policy = os.environ.get("OMP_WAIT_POLICY", "").strip().lower()
+    spins = os.environ.get("GOMP_SPINCOUNT", "").strip()
+    return policy == "passive" or (spins.isdigit() and int(spins) <= 10000)
+
+
+@functools.cache
+def _onnxruntime_available() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CPUExecutionProvider" in ort.get_available_providers()
+
+
 def triton_available() -> bool:
     """Triton runs on CUDA, or on CPU tensors only under ``TRITON_INTERPRET=1`` (tests)."""
-    import os
-
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -471,7 +554,7 @@ class TritonInt8(_Int8Candidate):
 
 
 INT8_CANDIDATES: dict[str, _Int8Candidate] = {
-    c.name: c for c in (DenseInt8(), FbgemmInt8(), OnednnQLinear(), IntMM(), TritonInt8())
+    c.name: c for c in (DenseInt8(), FbgemmInt8(), OnednnQLinear(), OnnxruntimeInt8(), IntMM(), TritonInt8())
 }
 
 

@@ -47,6 +47,8 @@ PILOT_ROWS = 16
 CACHE_VERSION = 1
 
 _memory: dict[str, Choice] = {}
+#: How a choice records candidates it did not weigh (a cached choice is measured again once they are usable).
+NOT_AVAILABLE, SKIPPED = "not available", "skipped"
 #: Bumped by :func:`clear_memory_cache`; kernel modules key their per-module memo of choices on it.
 generation = 0
 _lock = threading.Lock()
@@ -285,7 +287,11 @@ def _measure(family: str, machine: str, bucket: str, m_full: int,
         if name == "triton":
             continue  # on CPU the Triton interpreter is a test mode, never a speed candidate
         if not cand.is_available():
-            rejected[name] = "not available in this torch build / on this CPU"
+            rejected[name] = f"{NOT_AVAILABLE} in this torch build / on this CPU"
+            continue
+        skip = getattr(cand, "skip_reason", lambda: None)()
+        if skip:
+            rejected[name] = f"{SKIPPED}: {skip}"
             continue
         try:
             prepared = prepare(cand)
@@ -379,6 +385,11 @@ def _probe_activation(rows: int, k: int, w_first_row: torch.Tensor | None, seed:
     if rows > 2 and w_first_row is not None:
         x[0] = hi  # all codes at the top of the range
         x[1] = torch.where(w_first_row >= 0, hi, lo)  # codes aligned with weight row 0: max |pair sum|
+    if rows > 3 and act is not None and act.mode == "static_per_tensor":
+        # exact ties x / s = c + 0.5 across the range: a kernel quantizing with another formula (fbgemm's own
+        # round(fma(x, 1 / s, z)) rounds ties to even *codes*) picks the other neighbour on about half of them
+        ties = torch.arange(k, dtype=torch.float32).remainder_(act.code_max) - act.zero_point + 0.5
+        x[2] = ties * act.scale
     return x
 
 
@@ -485,7 +496,8 @@ def select_int8_kernel(m: int, n: int, k: int, act: ActQuant | None = None, *,
     if device.type != "cpu":
         return "triton"
     bucket = int8_bucket(m, n, k, act, dtype)
-    return _lookup_or_measure("int8", bucket, lambda _machine: measure_int8(m, n, k, act, dtype)).choice
+    return _lookup_or_measure("int8", bucket, lambda _machine: measure_int8(m, n, k, act, dtype),
+                              _weighed_every_candidate).choice
 
 
 def select_bsr_kernel(m: int, n: int, k: int, block: tuple[int, int], density: float, *,
@@ -501,14 +513,18 @@ def select_bsr_kernel(m: int, n: int, k: int, block: tuple[int, int], density: f
         return "triton"
     bucket = bsr_bucket(m, n, k, block, density, dtype)
     return _lookup_or_measure("bsr", bucket, lambda _machine: measure_bsr(m, n, k, block, density, dtype),
-                              _bsr_choice_weighed_every_candidate).choice
+                              _weighed_every_candidate).choice
 
 
-def _bsr_choice_weighed_every_candidate(choice: Choice) -> bool:
-    """A cached block-sparse choice stands only if every CPU candidate available now was timed or rejected
-    for it: a cache written before a candidate existed (``grouped_gemm``) is measured again."""
-    considered = set(choice.times_ms) | set(choice.rejected)
-    return all(name in considered for name in available_kernels("bsr") if name != "triton")
+def _weighed_every_candidate(choice: Choice) -> bool:
+    """A cached choice stands only if every CPU candidate usable now was timed or found wrong / slow for it: a
+    cache written before a candidate existed (``grouped_gemm``), or while it was unavailable or skipped
+    (onnxruntime without ``OMP_WAIT_POLICY=PASSIVE``), is measured again."""
+    table = _candidates(choice.family)
+    considered = set(choice.times_ms) | {name for name, why in choice.rejected.items()
+                                         if not why.startswith((NOT_AVAILABLE, SKIPPED))}
+    return all(name in considered for name in available_kernels(choice.family)
+               if name != "triton" and not getattr(table[name], "skip_reason", lambda: None)())
 
 
 def select_conv_kernel(x_shape: tuple[int, ...], w_shape: tuple[int, ...], geometry: ConvGeometry,
@@ -531,7 +547,7 @@ def select_conv_kernel(x_shape: tuple[int, ...], w_shape: tuple[int, ...], geome
         return "dense"
     bucket = conv_bucket(tuple(x_shape), tuple(w_shape), geometry, act, dtype, channels_last)
     return _lookup_or_measure("conv", bucket, lambda _machine: measure_conv(
-        x_shape, w_shape, geometry, act, dtype, channels_last)).choice
+        x_shape, w_shape, geometry, act, dtype, channels_last), _weighed_every_candidate).choice
 
 
 # ------------------------------------------------------------------ the `slimfx kernels` table

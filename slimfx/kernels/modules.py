@@ -96,8 +96,7 @@ class Int8Linear(_KernelModule):
       activations), what fbgemm runs natively; within 2e-2 x max|spec| of
       :func:`cpu_kernels.int8_linear_spec` (fbgemm rounds activation ties its own way).
     * ``"static_per_tensor"``: the calibrated ``act_scale`` / ``act_zero_point``, ``act_bits``-bit unsigned
-      codes (8: quint8; 7: torch.ao's reduce_range) from fbgemm's fused quantizer
-      (:mod:`slimfx.kernels.affine_codes`); fbgemm / oneDNN compute them exactly on AVX2 CPUs for 7-bit codes
+      codes (8: quint8; 7: torch.ao's reduce_range); the int8 kernels are exact on AVX2 CPUs for 7-bit codes
       or 7-bit weights (the module reports its weights' width to the dispatcher); within 1e-4 x max|spec|,
       and for the ``dense`` kernel bit for bit the fake-quant simulation.
 
@@ -238,10 +237,9 @@ class Int8Conv2d(_KernelModule):
     channel, symmetric), ``bias`` fp32 [O] or None, and for ``static_per_tensor`` ``act_scale`` (fp32
     scalar) and ``act_zero_point`` (int32 scalar in [0, 2**act_bits - 1]). ``mode``:
 
-    * ``"static_per_tensor"``: ``x_hat = (u - z) * s`` with ``u = clamp(round_half_even(fl32(x * fl32(1 / s)
-      + z)), 0, 2**act_bits - 1)`` (a fused multiply-add), the fake-quant simulation's; ``act_bits=7``
-      (torch.ao's reduce_range) or weights within [-63, 63] let oneDNN's int8 convolution run exactly on AVX2
-      CPUs;
+    * ``"static_per_tensor"``: ``x_hat = (clamp(round_half_even(x / s) + z, 0, 2**act_bits - 1) - z) * s``,
+      the fake-quant simulation's; ``act_bits=7`` (torch.ao's reduce_range) or weights within [-63, 63] let
+      oneDNN's int8 convolution run exactly on AVX2 CPUs;
     * ``"weight_only"``: ``x_hat = x`` (float activations).
 
     Every kernel is within 1e-4 x max|spec| of :func:`conv_kernels.int8_conv2d_spec`; ``dense`` computes

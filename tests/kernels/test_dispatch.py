@@ -43,7 +43,8 @@ def _int8_problem(m: int, n: int, k: int, seed: int, weight_bits: int = 8):
 EXACT_EVERYWHERE = {(name, label) for name in ("dense", "int_mm") for label in ACT_LABELS} | {
     ("fbgemm", "dynamic_per_tensor"), ("onednn", "dynamic_per_tensor"),
     ("fbgemm", "static_per_tensor_u7"), ("onednn", "static_per_tensor_u7"),
-    ("fbgemm", "static_per_tensor_w7"), ("onednn", "static_per_tensor_w7")}
+    ("fbgemm", "static_per_tensor_w7"), ("onednn", "static_per_tensor_w7"),
+    ("onnxruntime", "static_per_tensor_u7"), ("onnxruntime", "static_per_tensor_w7")}
 
 
 @settings(max_examples=20)
@@ -90,7 +91,7 @@ def test_static_probe_reaches_the_top_code_and_7bit_codes_keep_fbgemm():
     act7 = ActQuant("static_per_tensor", 0.02, 30, bits=7)
     for exact in (act7, ActQuant("static_per_tensor", 0.02, 30, weight_bits=7)):  # 7-bit codes or weights
         choice = dispatch.measure_int8(64, 64, 256, exact)
-        for name in ("fbgemm", "onednn"):
+        for name in ("fbgemm", "onednn", "onnxruntime"):
             if cpu_kernels.INT8_CANDIDATES[name].is_available():
                 assert "wrong numbers" not in choice.rejected.get(name, ""), (exact, choice.rejected)
     act8 = ActQuant("static_per_tensor", 0.02, 30)

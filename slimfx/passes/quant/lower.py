@@ -7,7 +7,7 @@ int8 weight and scales. Activation mode:
 
 * ``static_per_tensor`` when the input goes through a frozen integer per-tensor fake-quant node (any width
   up to 8 bits), with its calibrated scale and zero point: the kernel's quantizer is the simulation's, bit
-  for bit (fbgemm's fused one, which then reads the fp32 input directly). 8-bit codes with 7-bit weights
+  for bit. 8-bit codes with 7-bit weights
   (``weights=int7-per-channel``) or 7-bit codes (``activations=int7-per-tensor``, torch.ao's
   ``reduce_range``) with 8-bit weights are what fbgemm and oneDNN compute exactly on AVX2 CPUs without
   VNNI; 8-bit codes with 8-bit weights need VNNI there (the dispatcher measures and checks, it never

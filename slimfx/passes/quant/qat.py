@@ -99,19 +99,6 @@ class _StraightThrough(torch.autograd.Function):
         return grad * inside.to(grad.dtype), None, None
 
 
-class _WithValue(torch.autograd.Function):
-    """``value`` forward, ``expression``'s gradient backward (``expression + (value - expression).detach()``
-    would not round back to ``value`` exactly)."""
-
-    @staticmethod
-    def forward(ctx, expression, value):
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
 def ste_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                       spec: QuantSpec) -> torch.Tensor:
     """:func:`fake_quantize` with a straight-through gradient: 1 inside the clipping range, 0 outside.
@@ -132,18 +119,12 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
                       grad_scale: float) -> torch.Tensor:
     """Integer fake-quant with a learnable ``scale`` (LSQ): STE for ``x``, LSQ gradient for ``scale``.
 
-    The same values as :func:`fake_quantize`: where that uses the kernels' fused activation quantizer (it
-    rounds differently from ``x / s`` at near-ties), its value replaces the LSQ expression's, whose gradient
-    is kept.
+    Same arithmetic (and so the same values) as :func:`fake_quantize`.
     """
     s = expand_qparam(_GradScale.apply(scale.abs().clamp_min(SCALE_FLOOR), grad_scale), x, spec).to(x.dtype)
     zp = expand_qparam(zero_point, x, spec).to(x.dtype)
     q = torch.clamp(_RoundSTE.apply(x / s) + zp, spec.qmin, spec.qmax)
-    out = (q - zp) * s
-    if spec.kernel_rounding:
-        exact = fake_quantize(x.detach(), scale.detach().abs().clamp_min(SCALE_FLOOR), zero_point, spec)
-        out = _WithValue.apply(out, exact)
-    return out
+    return (q - zp) * s
 
 
 class QATFakeQuantize(FakeQuantize):

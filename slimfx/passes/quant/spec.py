@@ -9,24 +9,17 @@ A scheme string names the number format, the granularity and (optionally) the sy
     fp8-e4m3[-per-tensor|-per-channel]   round to the float8 e4m3 grid after dividing by a scale
     none                            leave the tensor in float
 
-On x86 CPUs without VNNI (AVX2) the fbgemm / oneDNN int8 kernels sum pairs of u8 x s8 products in int16, which
-saturates for 8-bit activation codes with 8-bit weights. ``lower-int8`` runs two schemes exactly there:
-``int7-per-channel`` weights with 8-bit activations (255 * 63 * 2 < 2^15), or ``int7-per-tensor`` activations
-(torch.ao's ``reduce_range``) with 8-bit weights; 8-bit both needs VNNI (or the float fallback) there.
+On x86 CPUs without VNNI (AVX2) the int8 kernels (fbgemm, oneDNN, onnxruntime's MLAS) sum pairs of u8 x s8
+products in int16, which saturates for 8-bit activation codes with 8-bit weights. ``lower-int8`` runs two schemes
+exactly there: ``int7-per-channel`` weights with 8-bit activations (255 * 63 * 2 < 2^15), or ``int7-per-tensor``
+activations (torch.ao's ``reduce_range``) with 8-bit weights; 8-bit both needs VNNI (or the float fallback).
 
 Integer formats: symmetric weights use the narrow range ``[-(2^(b-1)-1), 2^(b-1)-1]`` with zero point 0
 (int8: [-127, 127], what :class:`slimfx.kernels.Int8Linear` stores); symmetric activations use the full
 range ``[-2^(b-1), 2^(b-1)-1]`` with zero point 0; asymmetric tensors use the full range with a zero point.
-Defaults: weights symmetric, activations asymmetric. The arithmetic is the kernels', ``scale >= 1e-8``,
-``x_hat = (q - zp) * scale``:
-
-* weights and per-token / per-channel / grouped tensors: ``q = clamp(round_half_even(x / scale) + zp, qmin,
-  qmax)``, an fp32 division (slimfx quantizes these itself, once);
-* integer per-tensor activations, which int8 kernels quantize at run time:
-  ``u = clamp(round_half_even(fl32(x * fl32(1 / scale) + (zp - qmin))), 0, qmax - qmin)``, ``q = u + qmin`` —
-  an fp32 *fused* multiply-add on the unsigned code, fbgemm's quantizer bit for bit
-  (:mod:`slimfx.kernels.affine_codes`), so a lowered layer hands its fp32 input straight to fbgemm. It
-  differs from the division only at (near-)ties: by at most one code, on about one value in 10^4.
+Defaults: weights symmetric, activations asymmetric. The arithmetic is the kernels' (and ONNX QuantizeLinear's):
+``q = clamp(round_half_even(x / scale) + zp, qmin, qmax)``, ``x_hat = (q - zp) * scale``, fp32 division,
+``scale >= 1e-8``.
 """
 
 from __future__ import annotations
@@ -37,7 +30,6 @@ from dataclasses import dataclass
 import torch
 
 from slimfx.errors import PipelineError, did_you_mean
-from slimfx.kernels.affine_codes import unsigned_codes
 
 SCALE_FLOOR = 1e-8
 FP8_E4M3_MAX = 448.0
@@ -67,12 +59,6 @@ class QuantSpec:
     narrow: bool = False
     group_size: int = 0
     axis: int = 0
-    activation: bool = False
-
-    @property
-    def kernel_rounding(self) -> bool:
-        """Whether :func:`fake_quantize` uses the kernels' fused activation quantizer (module docstring)."""
-        return self.activation and self.dtype == "int" and self.granularity == "per-tensor"
 
     @property
     def enabled(self) -> bool:
@@ -127,13 +113,13 @@ def parse_spec(text: str, role: str, option: str = "weights") -> QuantSpec:
             raise PipelineError(f"option {option!r}: per-channel activations are not supported ({text!r}); "
                                 "use int8-per-tensor or int8-per-token")
         return QuantSpec(raw, "int", int(match["bits"]), gran, symmetric, narrow=symmetric and weight,
-                         group_size=group, activation=not weight)
+                         group_size=group)
     match = _FP8.match(raw)
     if match:
         gran = match["gran"] or ("per-channel" if weight else "per-tensor")
         if gran == "per-channel" and not weight:
             raise PipelineError(f"option {option!r}: per-channel activations are not supported ({text!r})")
-        return QuantSpec(raw, "fp8-e4m3", 8, gran, True, activation=not weight)
+        return QuantSpec(raw, "fp8-e4m3", 8, gran, True)
     raise PipelineError(
         f"option {option!r}: unknown quantization scheme {text!r}{did_you_mean(raw, _EXAMPLES)}; "
         f"schemes look like {', '.join(_EXAMPLES)} (intB-per-tensor|per-channel|per-token|groupN[-sym|-asym])"
@@ -195,10 +181,6 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         scaled = (x / s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
         return scaled.to(torch.float8_e4m3fn).to(x.dtype) * s
     zp = expand_qparam(zero_point, x, spec).to(x.dtype)
-    if spec.kernel_rounding:
-        offset = zp - spec.qmin
-        u = unsigned_codes(x, s, offset, spec.qmax - spec.qmin).to(x.dtype)
-        return (u - offset) * s
     q = torch.clamp(torch.round(x / s) + zp, spec.qmin, spec.qmax)
     return (q - zp) * s
 
