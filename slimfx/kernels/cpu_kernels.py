@@ -139,8 +139,8 @@ class QuantizedActivation:
 
 def choose_per_tensor_qparams(x: torch.Tensor, qmax: int = 127) -> tuple[float, int]:
     """torch's ``ChooseQuantizationParams(min, max, 0, qmax)`` (used by dynamic quantized linear)."""
-    lo = min(float(x.min()), 0.0) if x.numel() else 0.0
-    hi = max(float(x.max()), 0.0) if x.numel() else 0.0
+    lo, hi = (float(v) for v in torch.aminmax(x)) if x.numel() else (0.0, 0.0)  # one pass
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
     scale = (hi - lo) / qmax
     if float(torch.tensor(scale, dtype=torch.float32)) == 0.0 or math.isinf(1.0 / scale):
         scale = 0.1
@@ -419,10 +419,12 @@ class OnednnQLinear(_Int8Candidate):
 
 
 class _OnnxruntimeRun:
-    """One onnxruntime session per prepared weight: ``Clip`` (narrow codes only) -> ``QuantizeLinear`` (the
-    division, round half to even: the simulation's codes) -> ``com.microsoft.MatMulIntegerToFloat`` (MLAS's
-    u8 x s8 GEMM with the weight prepacked at session creation, int32 accumulation, fp32 epilogue and bias).
-    Measured on an AVX2 EPYC it runs 1.1-1.2x fbgemm's GEMM at 512x1024x4096 / 512x4096x1024."""
+    """One onnxruntime session per prepared weight: ``Clip`` (narrow static codes only) -> ``QuantizeLinear``
+    (the division, round half to even: the simulation's codes) -> ``com.microsoft.MatMulIntegerToFloat``
+    (MLAS's u8 x s8 GEMM with the weight prepacked at session creation, int32 accumulation, fp32 epilogue and
+    bias). For ``dynamic_per_tensor`` torch computes the qparams (:func:`choose_per_tensor_qparams`, 7-bit
+    codes) and feeds them in. Measured on an AVX2 EPYC it runs 1.1-1.2x fbgemm's GEMM. The session keeps its
+    own packed copy of the weight."""
 
     def __init__(self, w_q, w_scale, bias, act):
         import numpy as np
@@ -430,13 +432,19 @@ class _OnnxruntimeRun:
         from onnx import TensorProto, helper, numpy_helper
 
         n, k = w_q.shape
-        zp = int(act.zero_point)
-        scale = np.array(float(act.scale), dtype=np.float32)
-        consts = {"a_scale": scale, "a_zero_point": np.array(zp, dtype=np.uint8),
-                  "w": w_q.t().contiguous().numpy(), "w_scale": w_scale.float().contiguous().numpy(),
+        self.dynamic = act.mode == "dynamic_per_tensor"
+        consts = {"w": w_q.t().contiguous().numpy(), "w_scale": w_scale.float().contiguous().numpy(),
                   "w_zero_point": np.zeros(n, dtype=np.int8)}
+        graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])]
+        if self.dynamic:
+            graph_inputs += [helper.make_tensor_value_info("a_scale", TensorProto.FLOAT, []),
+                       helper.make_tensor_value_info("a_zero_point", TensorProto.UINT8, [])]
+        else:
+            zp = int(act.zero_point)
+            scale = np.array(float(act.scale), dtype=np.float32)
+            consts.update(a_scale=scale, a_zero_point=np.array(zp, dtype=np.uint8))
         nodes, x_name = [], "x"
-        if act.code_max < 255:  # QuantizeLinear clamps to uint8's range; narrower codes are clipped first
+        if not self.dynamic and act.code_max < 255:  # QuantizeLinear clamps to uint8's range; clip narrower
             consts["lo"] = np.array(-zp * scale, dtype=np.float32)
             consts["hi"] = np.array((act.code_max - zp) * scale, dtype=np.float32)
             nodes.append(helper.make_node("Clip", ["x", "lo", "hi"], ["x_clipped"]))
@@ -448,7 +456,7 @@ class _OnnxruntimeRun:
             inputs.append("bias")
         nodes.append(helper.make_node("MatMulIntegerToFloat", inputs, ["y"], domain="com.microsoft"))
         graph = helper.make_graph(
-            nodes, "slimfx_int8_linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+            nodes, "slimfx_int8_linear", graph_inputs,
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
             initializer=[numpy_helper.from_array(v, name) for name, v in consts.items()])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
@@ -464,17 +472,24 @@ class _OnnxruntimeRun:
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def run(self, x2d: torch.Tensor) -> torch.Tensor:
-        x = x2d.detach().float().contiguous().numpy()
-        return torch.from_numpy(self.session.run(None, {"x": x})[0])
+        import numpy as np
+
+        x = x2d.detach().float().contiguous()
+        feed = {"x": x.numpy()}
+        if self.dynamic:  # 7-bit codes from the range: they never exceed 127, no clip needed
+            scale, zp = choose_per_tensor_qparams(x)
+            feed.update(a_scale=np.array(scale, dtype=np.float32), a_zero_point=np.array(zp, dtype=np.uint8))
+        return torch.from_numpy(self.session.run(None, feed)[0])
 
 
 class OnnxruntimeInt8(_Int8Candidate):
-    """onnxruntime's int8 linear (MLAS), for static per-tensor activations, when onnxruntime is installed
-    (``pip install slimfx[onnx]``). Its u8 x s8 kernels saturate int16 pair sums on AVX2 for 8-bit codes with
-    8-bit weights (the dispatcher's probe rejects it there); with 7-bit codes or 7-bit weights it is exact."""
+    """onnxruntime's int8 linear (MLAS), for per-tensor activations (static, or dynamic with torch.ao's 7-bit
+    qparams), when onnxruntime is installed (``pip install slimfx[onnx]``). Its u8 x s8 kernels saturate int16
+    pair sums on AVX2 for 8-bit codes with 8-bit weights (the dispatcher's probe rejects it there); with 7-bit
+    codes or 7-bit weights it is exact."""
 
     name = "onnxruntime"
-    modes = ("static_per_tensor",)
+    modes = ("static_per_tensor", "dynamic_per_tensor")
 
     def is_available(self) -> bool:
         return _onnxruntime_available()

@@ -44,7 +44,8 @@ EXACT_EVERYWHERE = {(name, label) for name in ("dense", "int_mm") for label in A
     ("fbgemm", "dynamic_per_tensor"), ("onednn", "dynamic_per_tensor"),
     ("fbgemm", "static_per_tensor_u7"), ("onednn", "static_per_tensor_u7"),
     ("fbgemm", "static_per_tensor_w7"), ("onednn", "static_per_tensor_w7"),
-    ("onnxruntime", "static_per_tensor_u7"), ("onnxruntime", "static_per_tensor_w7")}
+    ("onnxruntime", "static_per_tensor_u7"), ("onnxruntime", "static_per_tensor_w7"),
+    ("onnxruntime", "dynamic_per_tensor")}
 
 
 @settings(max_examples=20)
