@@ -27,12 +27,12 @@ them the weight is int8 ``w_q [N, K]`` with a per-output-channel fp32 scale ``w_
   8-bit codes with weights in [-63, 63] (``ActQuant.weight_bits=7``), so fbgemm, oneDNN and onnxruntime
   are exact on AVX2 CPUs without VNNI for either.
 
-Every candidate computes ``q_x`` the same way (an fp32 division, like the fake-quant simulation), except
-fbgemm's own dynamic quantization (a vectorised multiply by ``1 / s_x`` whose ties may round
-differently); the static fbgemm path quantizes in torch and hands fbgemm the integer codes (fbgemm's own
-quantizer, ``round(fma(x, 1 / s, z))``, differs from the division at near-ties), so it is exact; onnxruntime
-quantizes with its QuantizeLinear, which is the division. The tolerances in :data:`INT8_TOLERANCE` state how
-far a candidate may be from :func:`int8_linear_spec`.
+Static codes are the fp32 division in every candidate, like the fake-quant simulation: the fbgemm path
+quantizes in torch and hands fbgemm the integer codes (fbgemm's own quantizer, ``round(fma(x, 1 / s, z))``,
+differs from the division at near-ties), onnxruntime quantizes with its QuantizeLinear, which is the division.
+Dynamic per-tensor codes may round ties differently from the spec's multiply by ``1 / s_x`` (fbgemm's
+quantizer; onnxruntime's division) and reach 128 where the spec clamps at 127: that mode's tolerance allows
+it. The tolerances in :data:`INT8_TOLERANCE` state how far a candidate may be from :func:`int8_linear_spec`.
 """
 
 from __future__ import annotations
@@ -476,7 +476,8 @@ class _OnnxruntimeRun:
 
         x = x2d.detach().float().contiguous()
         feed = {"x": x.numpy()}
-        if self.dynamic:  # 7-bit codes from the range: they never exceed 127, no clip needed
+        if self.dynamic:  # codes from the range: at most 128 (torch rounds the zero point), which u8 x s8 pair
+            # sums cannot saturate (128 * 127 * 2 < 2**15); the spec clamps at 127, like fbgemm within tolerance
             scale, zp = choose_per_tensor_qparams(x)
             feed.update(a_scale=np.array(scale, dtype=np.float32), a_zero_point=np.array(zp, dtype=np.uint8))
         return torch.from_numpy(self.session.run(None, feed)[0])

@@ -289,7 +289,7 @@ def _measure(family: str, machine: str, bucket: str, m_full: int,
         if not cand.is_available():
             rejected[name] = f"{NOT_AVAILABLE} in this torch build / on this CPU"
             continue
-        skip = getattr(cand, "skip_reason", lambda: None)()
+        skip = _skip_reason(cand)
         if skip:
             rejected[name] = f"{SKIPPED}: {skip}"
             continue
@@ -497,7 +497,7 @@ def select_int8_kernel(m: int, n: int, k: int, act: ActQuant | None = None, *,
         return "triton"
     bucket = int8_bucket(m, n, k, act, dtype)
     return _lookup_or_measure("int8", bucket, lambda _machine: measure_int8(m, n, k, act, dtype),
-                              _weighed_every_candidate).choice
+                              _weighed_every_candidate(lambda cand: cand.supports(act))).choice
 
 
 def select_bsr_kernel(m: int, n: int, k: int, block: tuple[int, int], density: float, *,
@@ -513,18 +513,28 @@ def select_bsr_kernel(m: int, n: int, k: int, block: tuple[int, int], density: f
         return "triton"
     bucket = bsr_bucket(m, n, k, block, density, dtype)
     return _lookup_or_measure("bsr", bucket, lambda _machine: measure_bsr(m, n, k, block, density, dtype),
-                              _weighed_every_candidate).choice
+                              _weighed_every_candidate(lambda cand: True)).choice
 
 
-def _weighed_every_candidate(choice: Choice) -> bool:
-    """A cached choice stands only if every CPU candidate usable now was timed or found wrong / slow for it: a
-    cache written before a candidate existed (``grouped_gemm``), or while it was unavailable or skipped
-    (onnxruntime without ``OMP_WAIT_POLICY=PASSIVE``), is measured again."""
-    table = _candidates(choice.family)
-    considered = set(choice.times_ms) | {name for name, why in choice.rejected.items()
-                                         if not why.startswith((NOT_AVAILABLE, SKIPPED))}
-    return all(name in considered for name in available_kernels(choice.family)
-               if name != "triton" and not getattr(table[name], "skip_reason", lambda: None)())
+def _skip_reason(candidate) -> str | None:
+    return getattr(candidate, "skip_reason", lambda: None)()
+
+
+def _weighed_every_candidate(applies: Callable[[object], bool]) -> Callable[[Choice], bool]:
+    """Whether a cached choice stands: its winner must not be skipped now, and every CPU candidate usable now
+    that ``applies`` to the bucket (supports its activation mode / geometry) must have been timed or found
+    wrong / slow for it. A cache written before a candidate existed (``grouped_gemm``), or while it was
+    unavailable or skipped (onnxruntime without ``OMP_WAIT_POLICY=PASSIVE``), is measured again; a choice of
+    onnxruntime cached under PASSIVE is measured again without it."""
+    def check(choice: Choice) -> bool:
+        table = _candidates(choice.family)
+        if _skip_reason(table[choice.choice]):
+            return False
+        considered = set(choice.times_ms) | {name for name, why in choice.rejected.items()
+                                             if not why.startswith((NOT_AVAILABLE, SKIPPED))}
+        return all(name in considered for name in available_kernels(choice.family)
+                   if name != "triton" and applies(table[name]) and not _skip_reason(table[name]))
+    return check
 
 
 def select_conv_kernel(x_shape: tuple[int, ...], w_shape: tuple[int, ...], geometry: ConvGeometry,
@@ -547,7 +557,8 @@ def select_conv_kernel(x_shape: tuple[int, ...], w_shape: tuple[int, ...], geome
         return "dense"
     bucket = conv_bucket(tuple(x_shape), tuple(w_shape), geometry, act, dtype, channels_last)
     return _lookup_or_measure("conv", bucket, lambda _machine: measure_conv(
-        x_shape, w_shape, geometry, act, dtype, channels_last), _weighed_every_candidate).choice
+        x_shape, w_shape, geometry, act, dtype, channels_last),
+        _weighed_every_candidate(lambda cand: cand.supports(act, geometry))).choice
 
 
 # ------------------------------------------------------------------ the `slimfx kernels` table

@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn as nn
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import is_fake
 
 from slimfx.errors import KernelError
 from slimfx.kernels import conv_kernels, cpu_kernels, dispatch
@@ -25,7 +25,7 @@ from slimfx.kernels.cpu_kernels import ACT_MODES, CONV_ACT_MODES, ActQuant
 
 
 def _is_shape_only(x: torch.Tensor) -> bool:
-    return x.device.type == "meta" or isinstance(x, FakeTensor)
+    return x.device.type == "meta" or is_fake(x)  # is_fake also sees through functionalization wrappers
 
 
 def _record_leaf_call(module: nn.Module, x: fx.Proxy) -> fx.Proxy:
@@ -33,8 +33,28 @@ def _record_leaf_call(module: nn.Module, x: fx.Proxy) -> fx.Proxy:
     return tracer.create_proxy("call_module", tracer.path_of_module(module), (x,), {})
 
 
+class _KeepAlive:
+    """Holds a token's tensors so their ids cannot be reused while the token is cached; equal to any other
+    (the token compares the ids, addresses and versions beside it)."""
+
+    __slots__ = ("tensors",)
+
+    def __init__(self, tensors: tuple) -> None:
+        self.tensors = tensors
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _KeepAlive)
+
+    def __hash__(self) -> int:
+        return 0
+
+
 def _version_token(*tensors: torch.Tensor | None) -> tuple:
-    return tuple((None if t is None else (t.data_ptr(), t._version, t.device)) for t in tensors)
+    """Identity, address and version of each tensor: changes when a tensor is replaced (``load_state_dict``
+    with ``assign=True`` included: the token keeps the old tensors, so a new one cannot reuse their id) or
+    written in place through autograd-visible ops (writes through ``.data`` are not seen)."""
+    return tuple((None if t is None else (id(t), t.data_ptr(), t._version, t.device)) for t in tensors) + (
+        _KeepAlive(tensors),)
 
 
 class _KernelModule(nn.Module):
@@ -47,20 +67,26 @@ class _KernelModule(nn.Module):
         self._prepared: tuple | None = None
         self._kernel_choices: dict[tuple, object] = {}
 
-    def _memo_choice(self, key: tuple, choose):
-        """``choose()``'s answer, asked once per ``key`` + forcing + dispatcher generation.
+    def _memo_choice(self, token: tuple, key: tuple, choose):
+        """``choose()``'s answer, asked once per ``key`` + forcing + dispatcher generation while ``token``
+        (the version token of the module's tensors, and the values of any scalars the answer reads) stays.
 
         Asking the dispatcher costs ~50-150 us per call (the forcing env var parsed, the bucket formatted,
         the activation qparams read from their buffers, the weight's width or density computed): ~5% of a
-        256x1024x1024 int8 layer and ~9% of a 90%-sparse one. ``key`` must hold everything the answer
-        depends on (shape bucket, device, dtype, the version tokens of the module's tensors).
+        256x1024x1024 int8 layer and ~9% of a 90%-sparse one. ``key`` must hold everything else the answer
+        depends on (shape bucket, device, dtype). A new token drops every memoized answer (and with them the
+        old tensors the token kept alive).
         """
+        memo = self.__dict__.setdefault("_kernel_choices", {})  # modules pickled before the memo existed
+        if self.__dict__.get("_memo_token") != token:
+            memo.clear()
+            self._memo_token = token
         key = key + (self.kernel, os.environ.get("SLIMFX_KERNEL"), dispatch.generation)
-        answer = self._kernel_choices.get(key)
+        answer = memo.get(key)
         if answer is None:
-            if len(self._kernel_choices) >= 64:  # keys of old weight versions / devices pile up otherwise
-                self._kernel_choices.clear()
-            answer = self._kernel_choices[key] = choose()
+            if len(memo) >= 64:  # keys of devices / batch buckets pile up otherwise
+                memo.clear()
+            answer = memo[key] = choose()
         return answer
 
     def _prepared_for(self, name: str, token: tuple, prepare):
@@ -74,7 +100,9 @@ class _KernelModule(nn.Module):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_prepared"] = None  # prepacked library objects are rebuilt on demand, never copied/pickled
-        state["_kernel_choices"] = {}  # keyed by the source tensors' addresses: meaningless in a copy
+        state["_kernel_choices"] = {}  # keyed by the source tensors' identities: meaningless in a copy
+        state["_memo_token"] = None
+        state.pop("_weight_bits_cache", None)
         return state
 
     def _kernel_repr(self) -> str:
@@ -153,14 +181,14 @@ class Int8Linear(_KernelModule):
         if _is_shape_only(x):
             return x.new_empty(*lead, self.out_features)
         x2d = x.reshape(-1, self.in_features)
-        token = _version_token(self.weight_int8, self.weight_scale, self.bias, *_act_buffers(self))
+        token = _version_token(self.weight_int8, self.weight_scale, self.bias) + _act_values(self)
 
         def choose() -> tuple[ActQuant, str]:
             act = self.act_quant()
             return act, dispatch.select_int8_kernel(x2d.shape[0], self.out_features, self.in_features, act,
                                                     device=x.device, dtype=x.dtype, kernel=self.kernel)
 
-        act, name = self._memo_choice((dispatch._round_up_pow2(x2d.shape[0]), x.device, x.dtype, token), choose)
+        act, name = self._memo_choice(token, (dispatch._round_up_pow2(x2d.shape[0]), x.device, x.dtype), choose)
         prepared = self._prepared_for(name, token, lambda: cpu_kernels.INT8_CANDIDATES[name].prepare(
             self.weight_int8, self.weight_scale, self.bias, act))
         return prepared.run(x2d).to(x.dtype).reshape(*lead, self.out_features)
@@ -191,9 +219,12 @@ def _register_act_qparams(module: nn.Module, owner: str, mode: str, act_scale, a
     return 8
 
 
-def _act_buffers(module: nn.Module) -> tuple[torch.Tensor, ...]:
-    """The static activation qparam buffers (their version tokens key the module's memo of choices)."""
-    return (module.act_scale, module.act_zero_point) if module.mode == "static_per_tensor" else ()
+def _act_values(module: nn.Module) -> tuple:
+    """The static activation qparams' values (two scalar reads): they key the module's memo and prepacked
+    kernel by value, so writes the version counter misses (through ``.data``, numpy) still reach the run."""
+    if module.mode != "static_per_tensor":
+        return ()
+    return (float(module.act_scale), int(module.act_zero_point), module.act_bits)
 
 
 def _act_quant(module: nn.Module) -> ActQuant:
@@ -311,7 +342,7 @@ class Int8Conv2d(_KernelModule):
             out = x4d.new_empty(n, self.out_channels, oh, ow)
             return out if batched else out.squeeze(0)
         channels_last = conv_kernels.memory_format_of(x4d) == torch.channels_last
-        token = _version_token(self.weight_int8, self.weight_scale, self.bias, *_act_buffers(self))
+        token = _version_token(self.weight_int8, self.weight_scale, self.bias) + _act_values(self)
 
         def choose() -> tuple[ActQuant, str]:
             act = self.act_quant()
@@ -319,8 +350,8 @@ class Int8Conv2d(_KernelModule):
                                                     act, device=x.device, dtype=x.dtype,
                                                     channels_last=channels_last, kernel=self.kernel)
 
-        key = (dispatch._round_up_pow2(n),) + tuple(x4d.shape[1:]) + (channels_last, x.device, x.dtype, token)
-        act, name = self._memo_choice(key, choose)
+        key = (dispatch._round_up_pow2(n),) + tuple(x4d.shape[1:]) + (channels_last, x.device, x.dtype)
+        act, name = self._memo_choice(token, key, choose)
         prepared = self._prepared_for(name, token, lambda: conv_kernels.CONV_CANDIDATES[name].prepare(
             self.weight_int8, self.weight_scale, self.bias, self.geometry, act))
         out = prepared.run(x4d).to(x.dtype)
@@ -413,7 +444,7 @@ class BlockSparseLinear(_KernelModule):
             return x.new_empty(*lead, self.out_features)
         x2d = x.reshape(-1, self.in_features)
         token = _version_token(self.crow_indices, self.col_indices, self.values, self.bias)
-        name = self._memo_choice((dispatch._round_up_pow2(x2d.shape[0]), x.device, token),
+        name = self._memo_choice(token, (dispatch._round_up_pow2(x2d.shape[0]), x.device),
                                  lambda: dispatch.select_bsr_kernel(
                                      x2d.shape[0], self.out_features, self.in_features, self.block, self.density,
                                      device=x.device, dtype=self.values.dtype, kernel=self.kernel))

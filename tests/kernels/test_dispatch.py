@@ -306,6 +306,23 @@ def test_choice_is_cached_on_disk_and_reused(monkeypatch):
         dispatch.select_int8_kernel(9, 32, 64, act)  # M 9 -> 16: a new bucket
 
 
+def test_cached_choices_of_modes_some_candidates_lack_stand_in_a_new_process(monkeypatch):
+    """A cached choice is measured again only for candidates that apply to it: fbgemm and onnxruntime do not
+    implement per-token int8 nor oneDNN weight-only convs, so their absence must not void those choices."""
+    per_token = ActQuant("dynamic_per_token")
+    weight_only = ActQuant("weight_only")
+    geometry = ConvGeometry.of(padding=1)
+    dispatch.select_int8_kernel(16, 32, 64, per_token)
+    dispatch.select_conv_kernel((2, 8, 6, 6), (8, 8, 3, 3), geometry, weight_only)
+    measured = []
+    monkeypatch.setattr(dispatch, "measure_int8", lambda *a, **k: measured.append("int8"))
+    monkeypatch.setattr(dispatch, "measure_conv", lambda *a, **k: measured.append("conv"))
+    dispatch.clear_memory_cache()  # a new process: only the disk cache is left
+    dispatch.select_int8_kernel(16, 32, 64, per_token)
+    dispatch.select_conv_kernel((2, 8, 6, 6), (8, 8, 3, 3), geometry, weight_only)
+    assert measured == []
+
+
 def test_memory_cache_measures_once_per_process(monkeypatch):
     calls = []
     real = dispatch.measure_bsr

@@ -140,6 +140,43 @@ def test_changed_qparams_or_a_cleared_dispatcher_reach_the_memoized_choice(monke
     assert len(asked) == 2
 
 
+def test_qparams_written_behind_autograd_or_reassigned_reach_the_run():
+    """The memo keys static qparams by value: ``.data`` writes (no version bump) and new buffer tensors (as
+    ``load_state_dict(assign=True)`` makes, possibly at a freed address with version 0) must not run stale."""
+    torch.manual_seed(4)
+    module = Int8Linear.from_float(nn.Linear(32, 8), "static_per_tensor", act_scale=0.05, act_zero_point=128,
+                                   kernel="dense")
+    x = torch.randn(4, 32)
+
+    def check():
+        want = cpu_kernels.int8_linear_spec(x, module.weight_int8, module.weight_scale, module.bias,
+                                            module.act_quant())
+        assert cpu_kernels.relative_error(module(x), want) <= cpu_kernels.INT8_TOLERANCE["static_per_tensor"]
+
+    check()
+    module.act_scale.data.fill_(0.02)
+    check()
+    module.act_zero_point.numpy()[...] = 90
+    check()
+    for scale in (0.05, 0.02, 0.05, 0.01, 0.07):
+        module.act_scale = torch.tensor(scale)
+        check()
+
+
+def test_module_pickled_before_the_memo_existed_still_runs():
+    module = Int8Linear.from_float(nn.Linear(8, 4))
+    del module.__dict__["_kernel_choices"]  # the state an older slimfx pickled
+    assert module(torch.randn(2, 8)).shape == (2, 4)
+
+
+def test_functionalized_fake_tracing_only_propagates_shapes():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    module = Int8Linear.from_float(nn.Linear(8, 4), "static_per_tensor", act_scale=0.05, act_zero_point=100)
+    graph = make_fx(torch.func.functionalize(module), tracing_mode="fake")(torch.randn(2, 8))
+    assert isinstance(graph, fx.GraphModule)
+
+
 def test_loading_new_weights_reprepares_the_kernel():
     torch.manual_seed(2)
     a, b = Int8Linear.from_float(nn.Linear(16, 8)), Int8Linear.from_float(nn.Linear(16, 8))

@@ -123,3 +123,25 @@ def test_onnxruntime_is_skipped_beside_spinning_openmp_threads_and_weighed_once_
     assert len(measured) == 1
     again = next(c for c in dispatch._memory.values() if c.bucket == bucket)
     assert "onnxruntime" in again.times_ms or not again.rejected["onnxruntime"].startswith("skipped")
+
+
+def test_an_onnxruntime_choice_cached_under_passive_is_measured_again_without_it(monkeypatch):
+    if not cpu_kernels.INT8_CANDIDATES["onnxruntime"].is_available():
+        pytest.skip("onnxruntime is not installed")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    act = ActQuant("static_per_tensor", 0.05, 60, bits=7)
+    real = dispatch._best_ms
+
+    def best_ms(fn, budget_s):  # onnxruntime wins this process's measurement
+        return 1e-6 if getattr(fn, "__defaults__", None) and isinstance(fn.__defaults__[0],
+                                                                         cpu_kernels._OnnxruntimeRun) else \
+            real(fn, budget_s)
+
+    monkeypatch.setattr(dispatch, "_best_ms", best_ms)
+    monkeypatch.setattr(dispatch, "_confirm_finalists", lambda *a: None)
+    assert dispatch.select_int8_kernel(32, 64, 128, act) == "onnxruntime"
+    monkeypatch.setattr(dispatch, "_best_ms", real)
+    monkeypatch.delenv("OMP_WAIT_POLICY")  # the next process starts without it
+    dispatch.clear_memory_cache()
+    assert dispatch.select_int8_kernel(32, 64, 128, act) != "onnxruntime"
