@@ -36,7 +36,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import markdown, time_interleaved  # noqa: E402
+from kernels import DIRECT_INT8, markdown, time_interleaved  # noqa: E402
 from machine import machine_line  # noqa: E402
 
 import slimfx  # noqa: E402
@@ -117,11 +117,12 @@ def bench_linear(shapes, budget_s: float) -> str:
                 fns[label] = partial(lowered.module, x)
                 labels[label] = f"slimfx lowered, {label} [{_kernel_of(lowered, Int8Linear)}]"
                 errors_vs_sim[label] = cpu_kernels.relative_error(lowered.module(x), simulated.module(x))
-            for mode in ("dynamic_per_token", "dynamic_per_tensor"):
-                direct = Int8Linear.from_float(linear, mode=mode)
+            for mode, weight_bits in DIRECT_INT8:
+                direct = Int8Linear.from_float(linear, mode=mode, weight_bits=weight_bits)
                 direct(x)
-                fns[mode] = partial(direct, x)
-                labels[mode] = f"slimfx Int8Linear {mode} [{direct.last_kernel}]"
+                name = mode + ("" if weight_bits == 8 else f", {weight_bits}-bit weights")
+                fns[name] = partial(direct, x)
+                labels[name] = f"slimfx Int8Linear {name} [{direct.last_kernel}]"
             # every implementation in turns (round after round), each keeping its best: the VM drifts
             times = time_interleaved(fns, budget_s)
             t_fp32, t_ao = times.pop("fp32"), times["ao"]

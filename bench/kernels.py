@@ -43,6 +43,10 @@ GPU_PEAKS = {
 }
 
 
+#: Int8Linear modes timed directly (mode, weight bits): 7-bit weights let per-token 8-bit codes (the GPU kernel's
+#: numerics) run exactly on the int8 kernels of AVX2 CPUs without VNNI
+DIRECT_INT8 = (("dynamic_per_token", 8), ("dynamic_per_token", 7), ("dynamic_per_tensor", 8))
+
 def time_ms(fn: Callable[[], object], budget_s: float, max_runs: int = 25,
             sync: Callable[[], None] = lambda: None) -> float:
     """Best wall time of ``fn`` in ms: one warm run, then runs until ``budget_s`` or ``max_runs``.
@@ -145,10 +149,11 @@ def bench_cpu_int8(shapes, budget_s: float) -> str:
             with torch.no_grad():
                 ref = linear(x)
                 fns, labels, outputs = {"fp32": partial(linear, x)}, {}, {}
-                for mode in ("dynamic_per_token", "dynamic_per_tensor"):
-                    module = Int8Linear.from_float(linear, mode=mode)
+                for mode, weight_bits in DIRECT_INT8:
+                    module = Int8Linear.from_float(linear, mode=mode, weight_bits=weight_bits)
                     module(x)  # dispatch (measures once, cached) and prepack outside the timing
-                    fns[mode], labels[mode] = partial(module, x), f"slimfx {mode} [{module.last_kernel}]"
+                    name = mode + ("" if weight_bits == 8 else f", {weight_bits}-bit weights")
+                    fns[name], labels[name] = partial(module, x), f"slimfx {name} [{module.last_kernel}]"
                 import warnings
 
                 with warnings.catch_warnings():

@@ -150,15 +150,17 @@ class Int8Linear(_KernelModule):
     @classmethod
     def from_float(cls, linear: nn.Linear, mode: str = "dynamic_per_token",
                    act_scale: float | torch.Tensor | None = None, act_zero_point: int | None = None,
-                   kernel: str | None = None, act_bits: int = 8) -> Int8Linear:
-        """Quantize ``linear``'s weight per output channel, symmetric: ``scale = max(absmax/127, 1e-8)``,
-        ``q = clamp(round_half_even(w / scale), -127, 127)``; the bias is kept in fp32."""
+                   kernel: str | None = None, act_bits: int = 8, weight_bits: int = 8) -> Int8Linear:
+        """Quantize ``linear``'s weight per output channel, symmetric: with ``t = 2**(weight_bits - 1) - 1``
+        (127 for 8 bits), ``scale = max(absmax / t, 1e-8)``, ``q = clamp(round_half_even(w / scale), -t, t)``;
+        the bias is kept in fp32. ``weight_bits=7`` lets the int8 kernels of AVX2 CPUs without VNNI run 8-bit
+        activation codes (per-token or static) exactly."""
         if not isinstance(linear, nn.Linear):
             raise KernelError(f"Int8Linear.from_float expects an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach().float()
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, mode,
                      act_scale, act_zero_point, kernel, act_bits).to(w.device)
-        module.weight_int8.copy_(_quantize_per_channel(w, module.weight_scale))
+        module.weight_int8.copy_(_quantize_per_channel(w, module.weight_scale, weight_bits))
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach().float())
         return module
@@ -252,13 +254,16 @@ def _mode_repr(module: nn.Module) -> str:
     return module.mode if module.mode != "static_per_tensor" else f"{module.mode}, act_bits={module.act_bits}"
 
 
-def _quantize_per_channel(w: torch.Tensor, scale_out: torch.Tensor) -> torch.Tensor:
-    """Symmetric per-output-channel int8 of ``w`` (axis 0); writes the scales into ``scale_out``."""
+def _quantize_per_channel(w: torch.Tensor, scale_out: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Symmetric per-output-channel ``bits``-bit codes of ``w`` (axis 0) as int8; writes the scales."""
+    if not 2 <= int(bits) <= 8:
+        raise KernelError(f"weight_bits must be 2 to 8 (codes stored as int8), got {bits!r}")
+    top = 2 ** (int(bits) - 1) - 1
     rows = w.reshape(w.shape[0], -1)
-    scale = (rows.abs().amax(dim=1) / 127).clamp_min(1e-8)
+    scale = (rows.abs().amax(dim=1) / top).clamp_min(1e-8)
     scale_out.copy_(scale)
     shape = (-1,) + (1,) * (w.dim() - 1)
-    return torch.round(w / scale.reshape(shape)).clamp_(-127, 127).to(torch.int8)
+    return torch.round(w / scale.reshape(shape)).clamp_(-top, top).to(torch.int8)
 
 
 class Int8Conv2d(_KernelModule):
@@ -304,7 +309,7 @@ class Int8Conv2d(_KernelModule):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, mode: str = "static_per_tensor",
                    act_scale: float | torch.Tensor | None = None, act_zero_point: int | None = None,
-                   act_bits: int = 8, kernel: str | None = None) -> Int8Conv2d:
+                   act_bits: int = 8, kernel: str | None = None, weight_bits: int = 8) -> Int8Conv2d:
         """Quantize ``conv``'s weight per output channel, symmetric (as :meth:`Int8Linear.from_float`)."""
         if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise KernelError(f"Int8Conv2d.from_float expects an nn.Conv2d with numeric zero padding, got {conv!r}")
@@ -312,7 +317,7 @@ class Int8Conv2d(_KernelModule):
         module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                      conv.dilation, conv.groups, conv.bias is not None, mode, act_scale, act_zero_point,
                      act_bits, kernel).to(w.device)
-        module.weight_int8.copy_(_quantize_per_channel(w, module.weight_scale))
+        module.weight_int8.copy_(_quantize_per_channel(w, module.weight_scale, weight_bits))
         if conv.bias is not None:
             module.bias.copy_(conv.bias.detach().float())
         return module

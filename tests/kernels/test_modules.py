@@ -83,6 +83,25 @@ def test_from_float_quantizes_per_channel_symmetric():
     assert torch.equal(module.weight_int8[1], torch.tensor([-127, 64] * 4, dtype=torch.int8))
     assert torch.allclose(module.weight_scale, torch.tensor([1 / 127, 2 / 127, 1e-8]))
     assert torch.equal(module.weight_int8[2], torch.zeros(8, dtype=torch.int8))
+    narrow = Int8Linear.from_float(linear, weight_bits=7)
+    assert torch.equal(narrow.weight_int8[1], torch.tensor([-63, 31] * 4, dtype=torch.int8))  # 1 / fl32(2 / 63) < 31.5
+    assert torch.allclose(narrow.weight_scale, torch.tensor([1 / 63, 2 / 63, 1e-8]))
+    assert narrow.act_quant().weight_bits == 7
+    with pytest.raises(KernelError, match="weight_bits must be 2 to 8"):
+        Int8Linear.from_float(linear, weight_bits=9)
+
+
+def test_per_token_int8_with_7bit_weights_runs_exactly_on_an_int8_kernel():
+    """8-bit per-token codes (the GPU kernel's numerics) with 7-bit weights cannot saturate int16 pair sums:
+    oneDNN must pass the dispatcher's probe then (with 8-bit weights it may not, without VNNI)."""
+    torch.manual_seed(5)
+    module = Int8Linear.from_float(nn.Linear(256, 64), "dynamic_per_token", weight_bits=7)
+    x = torch.randn(32, 256)
+    ref = reference.w8a8_linear_ref(x, module.weight_int8, module.weight_scale, module.bias)
+    assert cpu_kernels.relative_error(module(x), ref) <= cpu_kernels.INT8_TOLERANCE["dynamic_per_token"]
+    choice = dispatch.measure_int8(32, 64, 256, module.act_quant())
+    if cpu_kernels.INT8_CANDIDATES["onednn"].is_available():
+        assert "onednn" in choice.times_ms, choice.rejected
 
 
 @pytest.mark.parametrize("mode", ["dynamic_per_token", "static_per_tensor"])
