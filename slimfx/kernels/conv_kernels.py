@@ -2,9 +2,9 @@
 
 Same shape as the linear candidates of :mod:`slimfx.kernels.cpu_kernels`: ``name``, ``is_available()``,
 ``supports(act, geometry)`` and ``prepare(w_q, w_scale, bias, geometry, act) -> PreparedKernel`` (the
-weight packed once); ``run(x)`` takes a 4-D float input ``[N, C, H, W]`` and returns fp32 in the input's
-memory format (what ``F.conv2d`` would return). :mod:`slimfx.kernels.dispatch` checks each candidate
-against :func:`int8_conv2d_spec` on a worst-case probe and times the correct ones.
+weight packed once); ``run(x, memory_format=None)`` takes a 4-D float input ``[N, C, H, W]`` and returns fp32
+in ``memory_format``, by default the input's (what ``F.conv2d`` would return). :mod:`slimfx.kernels.dispatch`
+checks each candidate against :func:`int8_conv2d_spec` on a worst-case probe and times the correct ones.
 
 Numerics: the weight is int8 ``w_q [O, C/groups, kh, kw]`` with a per-output-channel fp32 scale
 (symmetric, zero point 0); the activation is either ``static_per_tensor`` (codes as in
@@ -122,8 +122,8 @@ class _DenseConvRun:
         self.bias = None if bias is None else bias.float()
         self.geometry, self.act, self.channels_last = geometry, act, channels_last
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        layout = memory_format_of(x)
+    def run(self, x: torch.Tensor, memory_format: torch.memory_format | None = None) -> torch.Tensor:
+        layout = memory_format or memory_format_of(x)
         x_hat = _x_hat(x, self.act)
         if self.channels_last:
             x_hat = x_hat.contiguous(memory_format=torch.channels_last)
@@ -159,7 +159,7 @@ class _OnednnConvRun:
             w_q.contiguous(), self.w_scale, float(act.scale), int(act.zero_point), list(g.stride),
             list(g.padding), list(g.dilation), g.groups, None)
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, memory_format: torch.memory_format | None = None) -> torch.Tensor:
         g, zp = self.geometry, int(self.act.zero_point)
         codes = static_codes(x, self.act).add_(zp)
         q = torch.empty(codes.shape, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
@@ -167,7 +167,7 @@ class _OnednnConvRun:
         y = torch.ops.onednn.qconv2d_pointwise(
             q, float(self.act.scale), zp, self.packed, self.w_scale, self.w_zero_point, self.bias,
             list(g.stride), list(g.padding), list(g.dilation), g.groups, 1.0, 0, torch.float32, "none", [], "")
-        return y.contiguous(memory_format=memory_format_of(x))
+        return y.contiguous(memory_format=memory_format or memory_format_of(x))
 
 
 class OnednnQConv(_ConvCandidate):

@@ -303,6 +303,9 @@ class Int8Conv2d(_KernelModule):
         self.register_buffer("weight_scale", torch.ones(out_channels, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_channels, dtype=torch.float32) if bias else None)
         self.act_bits = _register_act_qparams(self, "Int8Conv2d", mode, act_scale, act_zero_point, act_bits)
+        #: The output's memory format; None: the input's, like F.conv2d. lower-int8 sets channels_last where
+        #: the next consumers take any layout (see slimfx.passes.quant.layout).
+        self.output_memory_format: torch.memory_format | None = None
         if kernel is not None:
             dispatch.forced_kernel("conv", kernel)  # unknown names fail at construction
 
@@ -359,7 +362,8 @@ class Int8Conv2d(_KernelModule):
         act, name = self._memo_choice(token, key, choose)
         prepared = self._prepared_for(name, token, lambda: conv_kernels.CONV_CANDIDATES[name].prepare(
             self.weight_int8, self.weight_scale, self.bias, self.geometry, act))
-        out = prepared.run(x4d).to(x.dtype)
+        out_format = self.__dict__.get("output_memory_format") if batched else None
+        out = prepared.run(x4d, out_format).to(x.dtype)
         return out if batched else out.squeeze(0)
 
     def extra_repr(self) -> str:

@@ -52,6 +52,7 @@ from slimfx.kernels import INT8_TOLERANCE, ConvGeometry, Int8Conv2d, Int8Linear
 from slimfx.passes.base import Contract, Pass, PassResult, register_pass
 from slimfx.passes.cleanup.dce import delete_unused_submodules
 from slimfx.passes.quant.fake_quant import FakeQuantize, fake_quant_module
+from slimfx.passes.quant.layout import keep_int8_convs_channels_last
 from slimfx.passes.quant.spec import FP8_E4M3_ABS_FLOOR, FP8_E4M3_REL
 
 _U = 2.0**-24  # fp32 unit roundoff
@@ -72,6 +73,8 @@ class LowerInt8Options:
     time (dynamic-per-token or dynamic-per-tensor) and convs keep it in float; keep leaves both alone."""
 
     activations: Literal["dynamic-per-token", "dynamic-per-tensor", "keep"] = "dynamic-per-token"
+    #: channels-last: keep activations channels-last between lowered convs (oneDNN's layout; exact), else keep
+    layout: Literal["channels-last", "keep"] = "channels-last"
 
 
 @dataclass
@@ -164,6 +167,10 @@ class LowerInt8(Pass):
         _drop_unused_attributes(program)
         program.analyses.pop("attribute-uses", None)
         stats = {"lowered": len(plans)}
+        if self.options.layout == "channels-last" and any(p.module_name == "Int8Conv2d" for p in plans):
+            stats["layout_conversions"], why = keep_int8_convs_channels_last(program)
+            if why:
+                notes.append(why)
         for kind, module_name in (("linear", "Int8Linear"), ("conv", "Int8Conv2d")):
             group = [p for p in plans if p.module_name == module_name]
             stats[kind] = len(group)

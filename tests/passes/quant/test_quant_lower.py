@@ -207,3 +207,51 @@ def test_lowered_cnn_artifact_reloads_bit_for_bit(tmp_path):
     assert {str(state[k].dtype) for k in state if k.endswith("weight_int8")} == {"torch.int8"}
     fresh = torch.rand_like(inputs[0])
     assert torch.equal(out(*inputs), back(*inputs)) and torch.equal(out(fresh), back(fresh))
+
+
+class _ViewAfterConvs(nn.Module):
+    """A single-channel input (ambiguous layout), a conv chain with pooling and a residual add, a ``view``
+    (raises on channels-last) and a second output straight from a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        y = F.max_pool2d(torch.relu(self.c2(y)) + y, 2)
+        z = self.c3(y)
+        return self.fc(z.view(z.shape[0], -1)), z
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_channels_last_between_int8_convs_is_exact_and_hands_back_nchw(frontend):
+    """lower-int8 keeps activations channels-last between int8 convs (oneDNN's layout) and converts back
+    before ``view`` and the outputs: the same values as layout=keep, outputs NCHW-contiguous, no layout
+    transposes inside the convs."""
+    torch.manual_seed(0)
+    model = _ViewAfterConvs().eval()
+    x = torch.randn(4, 1, 8, 8)
+    program = set_calibration_data(slimfx.trace(model, (x,), frontend=frontend),
+                                   [torch.randn(4, 1, 8, 8) for _ in range(3)])
+    base = "quant-insert{activations=int7-per-tensor},calibrate{progress=false},"
+    channels_last = slimfx.run_pipeline(program, base + "lower-int8")
+    keep = slimfx.run_pipeline(program, base + "lower-int8{layout=keep}")
+    with torch.no_grad():
+        got, want = channels_last.module(x), keep.module(x)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert all(t.is_contiguous() for t in got)
+    convs = _modules(channels_last, Int8Conv2d)
+    assert len(convs) == 3
+    if frontend == "export":
+        assert "layout_conversions" in channels_last.log[-1].stats or any(
+            "aten dialect" in n for n in channels_last.log[-1].notes)
+        return
+    assert all(c.output_memory_format == torch.channels_last for c in convs)
+    with torch.no_grad():  # the first conv's input has C = 1 (either layout); its output is channels-last
+        first = convs[0](x.contiguous(memory_format=torch.channels_last))
+    assert first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
+    assert channels_last.log[-1].stats["layout_conversions"] == 2  # x in; z back, shared by view and output
+    code = channels_last.module.code
+    assert code.count("memory_format = torch.channels_last") == 1 and code.count(".contiguous()") == 1
