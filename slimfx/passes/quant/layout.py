@@ -1,19 +1,23 @@
-"""Keep the activations between lowered int8 convs channels-last (run by ``lower-int8``; exact).
+"""Keep the activations between lowered int8 convs channels-last (run by ``lower-int8``).
 
 oneDNN's int8 convolution computes in channels-last (NHWC). Fed NCHW, :class:`~slimfx.kernels.Int8Conv2d`
 transposes its input codes in and its output back (it returns its input's memory format, like ``F.conv2d``):
-two layout passes per conv, measured 19.3 ms vs 14.2 ms from channels-last for a 16x64x56x56 3x3 conv, and
-0.34 ms of the demo CNN's 1.74 ms. This rewrite converts the input of each chain of int8 convs to channels-last
-once (``x.contiguous(memory_format=torch.channels_last)``, a no-op when it already is), lets the tensor flow
-through the ops that accept any layout (activations, pooling, normalisation, elementwise arithmetic, cat,
-flatten / reshape, size queries, other int8 convs), and makes it contiguous (``.contiguous()``, NCHW, one copy per
-tensor) for anything else — ``view``, unknown ops, the program's outputs — so such consumers get the layout an
-NCHW input gives them (an output that was channels-last because the caller fed channels-last comes back
-NCHW-contiguous). A memory format never changes a tensor's values, so the program computes exactly what it did.
-The modules also return channels-last when their input is ambiguous (C = 1 or H = W = 1), where ``F.conv2d``'s
-rule would pick NCHW (:attr:`~slimfx.kernels.Int8Conv2d.output_memory_format`).
+two layout passes per conv, 0.34 ms of the demo CNN's 1.74 ms. This rewrite converts the input of each int8
+conv to channels-last (once per tensor; a no-op when it already is, and 3-D inputs pass unchanged), sets the
+convs to return channels-last, and lets the tensor flow only through ops whose values cannot depend on the
+layout: the int8 convs themselves, piecewise-linear activations (relu, relu6, hardtanh, leaky_relu), max
+pooling, elementwise ``+ - * /``, ``cat``, dropout / identity, and size queries (``.shape``, ``.size()``,
+``.dim()``) — each with a single 4-D tensor output. Every other consumer (``view``, ``flatten``, GELU,
+average pooling, unknown ops) and every program output gets an NCHW-contiguous copy made just before it, so
+it sees the values and the layout an NCHW input gives it (an output that was channels-last because the caller
+fed channels-last comes back NCHW-contiguous).
 
-Torch dialect only (``aten`` programs from torch.export keep their layout; noted).
+Exactness: the rewritten ops give the same values in either layout (transcendental activations, averaging
+and normalisation can differ in the last bit between their vectorised and scalar loops, so they are not
+among them). What can change is the conv kernel the dispatcher picks for the new layout (each is within
+``lower-int8``'s stated bound of the simulation). Programs with in-place ops are left alone (an NCHW copy would
+not see a later in-place write, nor an aliasing view a later write to its base); so are ``aten`` programs from
+torch.export. Both are noted.
 """
 
 from __future__ import annotations
@@ -22,31 +26,54 @@ import torch
 from torch import fx
 
 from slimfx.ir.meta import tensor_meta
-from slimfx.ir.ops import OpKind
+from slimfx.ir.ops import OpKind, is_inplace
 from slimfx.ir.program import Program
 from slimfx.kernels import Int8Conv2d
 
-#: Ops that take a channels-last tensor as well as an NCHW one and keep its layout in their output.
-_PRESERVING = {OpKind.ACTIVATION, OpKind.POOL, OpKind.ADAPTIVE_POOL, OpKind.BATCH_NORM, OpKind.ADD, OpKind.SUB,
-               OpKind.MUL, OpKind.DIV, OpKind.DROPOUT, OpKind.IDENTITY, OpKind.CAT}
-#: Reshapes that copy when they must (``view`` would raise on a channels-last tensor).
-_COPYING_RESHAPES = {"flatten", "reshape"}
+_EXACT_KINDS = {OpKind.ADD, OpKind.SUB, OpKind.MUL, OpKind.DIV, OpKind.CAT, OpKind.DROPOUT, OpKind.IDENTITY}
+#: Activations and pooling whose values cannot depend on the layout (no transcendental or summed terms).
+_EXACT_NAMES = {"relu", "relu6", "hardtanh", "leaky_relu", "max_pool2d", "adaptive_max_pool2d"}
+_EXACT_MODULES = {"ReLU", "ReLU6", "Hardtanh", "LeakyReLU", "MaxPool2d", "AdaptiveMaxPool2d"}
+_SIZE_QUERIES = {"size", "dim", "shape", "dtype", "device", "ndim"}
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last memory format when it is 4-D (a no-op if it already is), else ``x`` unchanged."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+torch.fx.wrap("to_channels_last")  # a leaf if a lowered program is ever traced again
 
 
 def _is_int8_conv(program: Program, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(program.module.get_submodule(node.target), Int8Conv2d)
 
 
-def _accepts_any_layout(program: Program, node: fx.Node) -> bool:
-    if _is_int8_conv(program, node) or program.kind(node) in _PRESERVING or program.kind(node) is OpKind.SHAPE:
-        return True
-    if program.kind(node) is OpKind.RESHAPE:
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        return name in _COPYING_RESHAPES
-    return False
+def _target_name(program: Program, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(program.module.get_submodule(node.target)).__name__
+    if isinstance(node.target, str):
+        return node.target
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.name.split("::")[-1]
+    return getattr(node.target, "__name__", "")
 
 
-def _four_d(node: fx.Node) -> bool:
+def _is_size_query(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _SIZE_QUERIES
+    return node.op == "call_function" and node.target is getattr and node.args[1] in _SIZE_QUERIES
+
+
+def _keeps_values_in_any_layout(program: Program, node: fx.Node) -> bool:
+    """An op that may read a channels-last tensor: the same values as from NCHW, one 4-D tensor out."""
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return False
+    name = _target_name(program, node)
+    exact = (program.kind(node) in _EXACT_KINDS or name in _EXACT_NAMES or
+             (node.op == "call_module" and name in _EXACT_MODULES))
+    if not exact or node.kwargs.get("return_indices"):
+        return False
     meta = tensor_meta(node)
     return meta is not None and len(meta.shape) == 4
 
@@ -56,40 +83,40 @@ def keep_int8_convs_channels_last(program: Program) -> tuple[int, str | None]:
     if program.dialect != "torch":
         return 0, "int8 conv activations keep their layout in the aten dialect (channels-last is torch-only here)"
     graph = program.graph
+    if any(is_inplace(n, program.module) for n in graph.nodes if n.op != "output"):
+        return 0, "int8 conv activations keep their layout: the program has in-place ops"
     channels_last: set[fx.Node] = set()
-    nchw: dict[fx.Node, fx.Node] = {}  # one contiguous copy per tensor, shared by its layout-sensitive users
+    converted: dict[fx.Node, fx.Node] = {}  # input tensor -> its channels-last copy, shared by its int8 convs
     inserted = 0
     for node in list(graph.nodes):
         if _is_int8_conv(program, node):
             x = node.args[0]
-            if not (isinstance(x, fx.Node) and _four_d(x)):
-                continue  # an unbatched [C, H, W] input keeps F.conv2d's layout rule
-            if x not in channels_last:
-                with graph.inserting_before(node):
-                    to_nhwc = graph.call_method("contiguous", (x,), {"memory_format": torch.channels_last})
-                to_nhwc.meta = dict(x.meta)
-                node.replace_input_with(x, to_nhwc)
-                inserted += 1
+            if isinstance(x, fx.Node) and x not in channels_last:
+                if x not in converted:
+                    with graph.inserting_after(x):
+                        converted[x] = graph.call_function(to_channels_last, (x,))
+                    converted[x].meta = dict(x.meta)
+                    inserted += 1
+                node.replace_input_with(x, converted[x])
             # channels-last out even when the input is also NCHW-contiguous (C = 1 or H = W = 1), where the
-            # module would otherwise follow F.conv2d and return NCHW
+            # module would otherwise follow F.conv2d and return NCHW (3-D inputs keep F.conv2d's rule)
             program.module.get_submodule(node.target).output_memory_format = torch.channels_last
             channels_last.add(node)
             continue
         inputs = [a for a in node.all_input_nodes if a in channels_last]
-        if not inputs:
+        if not inputs or (node.op != "output" and _is_size_query(node)):
             continue
-        if node.op != "output" and _accepts_any_layout(program, node):
-            if program.kind(node) in _PRESERVING and _four_d(node):
-                channels_last.add(node)
+        if node.op != "output" and _keeps_values_in_any_layout(program, node):
+            channels_last.add(node)
             continue
-        for x in inputs:  # back to NCHW-contiguous for this consumer (and x's other sensitive consumers)
-            if x not in nchw:
-                with graph.inserting_after(x):
-                    nchw[x] = graph.call_method("contiguous", (x,))
-                nchw[x].meta = dict(x.meta)
-                inserted += 1
-            node.replace_input_with(x, nchw[x])
+        for x in inputs:  # an NCHW-contiguous copy made right before this consumer
+            with graph.inserting_before(node):
+                to_nchw = graph.call_method("contiguous", (x,))
+            to_nchw.meta = dict(x.meta)
+            node.replace_input_with(x, to_nchw)
+            inserted += 1
     if inserted:
         graph.lint()
         program.recompile()
     return inserted, None
+

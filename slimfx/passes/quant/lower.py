@@ -46,7 +46,7 @@ from torch import fx
 from slimfx.errors import KernelError
 from slimfx.ir import ops
 from slimfx.ir.layer import Layer
-from slimfx.ir.ops import OpKind
+from slimfx.ir.ops import OpKind, is_pure
 from slimfx.ir.program import Program
 from slimfx.kernels import INT8_TOLERANCE, ConvGeometry, Int8Conv2d, Int8Linear
 from slimfx.passes.base import Contract, Pass, PassResult, register_pass
@@ -163,7 +163,10 @@ class LowerInt8(Pass):
             notes.append(f"the error bound is infinite: {why}")
         for plan in plans:
             self._lower(program, plan)
-        program.graph.eliminate_dead_code()
+        # only what the lowering orphaned (the fake-quant nodes): torch's DCE would also drop in-place ops
+        # whose result is unused (``y.add_(1)``), silently changing the program
+        module = program.module
+        program.graph.eliminate_dead_code(is_impure_node=lambda n: not is_pure(n, module))
         _drop_unused_attributes(program)
         program.analyses.pop("attribute-uses", None)
         stats = {"lowered": len(plans)}
