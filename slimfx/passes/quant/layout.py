@@ -5,19 +5,20 @@ transposes its input codes in and its output back (it returns its input's memory
 two layout passes per conv, 0.34 ms of the demo CNN's 1.74 ms. This rewrite converts the input of each int8
 conv to channels-last (once per tensor; a no-op when it already is, and 3-D inputs pass unchanged), sets the
 convs to return channels-last, and lets the tensor flow only through ops whose values cannot depend on the
-layout: the int8 convs themselves, piecewise-linear activations (relu, relu6, hardtanh, leaky_relu), max
-pooling, elementwise ``+ - * /``, ``cat``, dropout / identity, and size queries (``.shape``, ``.size()``,
-``.dim()``) — each with a single 4-D tensor output. Every other consumer (``view``, ``flatten``, GELU,
-average pooling, unknown ops) and every program output gets an NCHW-contiguous copy made just before it, so
-it sees the values and the layout an NCHW input gives it (an output that was channels-last because the caller
-fed channels-last comes back NCHW-contiguous).
+layout: the int8 convs themselves, piecewise-linear activations (relu, relu6, hardtanh, leaky_relu; in place
+too), max pooling, elementwise ``+ - * /``, ``cat``, dropout / identity, and size queries (``.shape``,
+``.size()``, ``.dim()``) — each with a single 4-D tensor output. Every other consumer (``view``, ``flatten``,
+GELU, average pooling, unknown ops) and every program output gets an NCHW-contiguous copy made just before it,
+so it sees the values and the layout an NCHW input gives it (an output that was channels-last because the
+caller fed channels-last comes back NCHW-contiguous).
 
 Exactness: the rewritten ops give the same values in either layout (transcendental activations, averaging
 and normalisation can differ in the last bit between their vectorised and scalar loops, so they are not
 among them). What can change is the conv kernel the dispatcher picks for the new layout (each is within
-``lower-int8``'s stated bound of the simulation). Programs with in-place ops are left alone (an NCHW copy would
-not see a later in-place write, nor an aliasing view a later write to its base); so are ``aten`` programs from
-torch.export. Both are noted.
+``lower-int8``'s stated bound of the simulation). Programs with other in-place ops, or with an in-place
+activation on a tensor that also feeds an NCHW copy, are left alone (a copy would not see a later in-place
+write, nor an aliasing view a later write to its base); so are ``aten`` programs from torch.export. Both are
+noted.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from slimfx.kernels import Int8Conv2d
 
 _EXACT_KINDS = {OpKind.ADD, OpKind.SUB, OpKind.MUL, OpKind.DIV, OpKind.CAT, OpKind.DROPOUT, OpKind.IDENTITY}
 #: Activations and pooling whose values cannot depend on the layout (no transcendental or summed terms).
-_EXACT_NAMES = {"relu", "relu6", "hardtanh", "leaky_relu", "max_pool2d", "adaptive_max_pool2d"}
+_EXACT_NAMES = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "max_pool2d",
+                "adaptive_max_pool2d"}
 _EXACT_MODULES = {"ReLU", "ReLU6", "Hardtanh", "LeakyReLU", "MaxPool2d", "AdaptiveMaxPool2d"}
 _SIZE_QUERIES = {"size", "dim", "shape", "dtype", "device", "ndim"}
 
@@ -78,29 +80,15 @@ def _keeps_values_in_any_layout(program: Program, node: fx.Node) -> bool:
     return meta is not None and len(meta.shape) == 4
 
 
-def keep_int8_convs_channels_last(program: Program) -> tuple[int, str | None]:
-    """Rewrite ``program`` in place as the module docstring says. Returns (conversions inserted, note)."""
-    if program.dialect != "torch":
-        return 0, "int8 conv activations keep their layout in the aten dialect (channels-last is torch-only here)"
-    graph = program.graph
-    if any(is_inplace(n, program.module) for n in graph.nodes if n.op != "output"):
-        return 0, "int8 conv activations keep their layout: the program has in-place ops"
+def _plan(program: Program) -> tuple[set[fx.Node], list[fx.Node], list[tuple[fx.Node, fx.Node]]]:
+    """The tensors that will be channels-last, the int8 convs (in graph order) and the (consumer, tensor) pairs
+    that need an NCHW copy."""
     channels_last: set[fx.Node] = set()
-    converted: dict[fx.Node, fx.Node] = {}  # input tensor -> its channels-last copy, shared by its int8 convs
-    inserted = 0
-    for node in list(graph.nodes):
+    convs: list[fx.Node] = []
+    copies: list[tuple[fx.Node, fx.Node]] = []
+    for node in program.graph.nodes:
         if _is_int8_conv(program, node):
-            x = node.args[0]
-            if isinstance(x, fx.Node) and x not in channels_last:
-                if x not in converted:
-                    with graph.inserting_after(x):
-                        converted[x] = graph.call_function(to_channels_last, (x,))
-                    converted[x].meta = dict(x.meta)
-                    inserted += 1
-                node.replace_input_with(x, converted[x])
-            # channels-last out even when the input is also NCHW-contiguous (C = 1 or H = W = 1), where the
-            # module would otherwise follow F.conv2d and return NCHW (3-D inputs keep F.conv2d's rule)
-            program.module.get_submodule(node.target).output_memory_format = torch.channels_last
+            convs.append(node)
             channels_last.add(node)
             continue
         inputs = [a for a in node.all_input_nodes if a in channels_last]
@@ -109,14 +97,55 @@ def keep_int8_convs_channels_last(program: Program) -> tuple[int, str | None]:
         if node.op != "output" and _keeps_values_in_any_layout(program, node):
             channels_last.add(node)
             continue
-        for x in inputs:  # an NCHW-contiguous copy made right before this consumer
-            with graph.inserting_before(node):
-                to_nchw = graph.call_method("contiguous", (x,))
-            to_nchw.meta = dict(x.meta)
-            node.replace_input_with(x, to_nchw)
-            inserted += 1
+        copies += [(node, x) for x in inputs]
+    return channels_last, convs, copies
+
+
+def _unsafe_in_place(program: Program, copies: list[tuple[fx.Node, fx.Node]]) -> str | None:
+    """Why the rewrite could change values through an in-place op, or None. In-place relu-like activations on a
+    channels-last tensor are fine unless that tensor also feeds an NCHW copy (which would not see the write,
+    nor would an aliasing view of the copy); any other in-place op is refused."""
+    copied = {x for _, x in copies}
+    for node in program.graph.nodes:
+        if node.op == "output" or not is_inplace(node, program.module):
+            continue
+        if not _keeps_values_in_any_layout(program, node):
+            return f"%{node.name} is an in-place {_target_name(program, node) or node.op}"
+        if any(a in copied for a in node.all_input_nodes):
+            return f"%{node.name} writes in place to a tensor that is also read in NCHW"
+    return None
+
+
+def keep_int8_convs_channels_last(program: Program) -> tuple[int, str | None]:
+    """Rewrite ``program`` in place as the module docstring says. Returns (conversions inserted, note)."""
+    if program.dialect != "torch":
+        return 0, "int8 conv activations keep their layout in the aten dialect (channels-last is torch-only here)"
+    channels_last, convs, copies = _plan(program)
+    why = _unsafe_in_place(program, copies)
+    if why:
+        return 0, f"int8 conv activations keep their layout: {why}"
+    graph = program.graph
+    converted: dict[fx.Node, fx.Node] = {}  # input tensor -> its channels-last copy, shared by its int8 convs
+    inserted = 0
+    for node in convs:
+        x = node.args[0]
+        if isinstance(x, fx.Node) and x not in channels_last:
+            if x not in converted:
+                with graph.inserting_after(x):
+                    converted[x] = graph.call_function(to_channels_last, (x,))
+                converted[x].meta = dict(x.meta)
+                inserted += 1
+            node.replace_input_with(x, converted[x])
+        # channels-last out even when the input is also NCHW-contiguous (C = 1 or H = W = 1), where the
+        # module would otherwise follow F.conv2d and return NCHW (3-D inputs keep F.conv2d's rule)
+        program.module.get_submodule(node.target).output_memory_format = torch.channels_last
+    for node, x in copies:  # an NCHW-contiguous copy made right before each consumer that needs one
+        with graph.inserting_before(node):
+            to_nchw = graph.call_method("contiguous", (x,))
+        to_nchw.meta = dict(x.meta)
+        node.replace_input_with(x, to_nchw)
+        inserted += 1
     if inserted:
         graph.lint()
         program.recompile()
     return inserted, None
-
