@@ -270,8 +270,11 @@ class LowerInt8(Pass):
             module.bias.copy_(bias.detach().float())
         target = _fresh(program.module, f"int8_{plan.label}")
         program.module.add_submodule(target, module)
+        # read the input now, not from the plan: lowering an earlier layer replaces its node, and a conv that
+        # feeds this one directly would otherwise be referenced after it was erased
+        x = plan.act_fq.args[0] if plan.act_fq is not None else ops.data_input(plan.node)
         with program.graph.inserting_before(plan.node):
-            new = program.graph.call_module(target, (plan.x,))
+            new = program.graph.call_module(target, (x,))
         new.meta = dict(plan.node.meta)
         plan.node.replace_all_uses_with(new)
         program.graph.erase_node(plan.node)

@@ -350,3 +350,34 @@ def test_lowering_keeps_in_place_ops_whose_result_is_unused():
     assert "add_" in report.result.module.code
     assert run.max_abs_diff <= run.bound * (1 + 1e-5) + 1e-6 and run.max_abs_diff < 1e-3
     assert any("in-place" in n for n in run.notes)  # and the layout rewrite stays out of its way
+
+
+class _DirectChains(nn.Module):
+    """Quantized layers feeding each other directly (no op between), and an in-place op between two convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = (nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+                                     nn.Conv2d(8, 4, 1))
+        self.fc1, self.fc2 = nn.Linear(4 * 36, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = self.c2(self.c1(x))
+        y.clamp_(-1.0, 1.0)
+        z = self.c3(y)
+        return self.fc2(self.fc1(z.flatten(1)))
+
+
+def test_layers_feeding_each_other_directly_lower_within_the_bound():
+    """Each layer's lowering replaces its node; the next layer must read the replacement (this raised
+    'used before it has been defined' for conv -> conv and linear -> linear)."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 6, 6)
+    program = set_calibration_data(slimfx.trace(_DirectChains().eval(), (x,)),
+                                   [torch.randn(2, 3, 6, 6) for _ in range(3)])
+    report = check_contract("quant-insert{activations=int7-per-tensor},calibrate{progress=false},lower-int8",
+                            program)
+    run = report.runs[-1]
+    assert run.stats["conv"] == 3 and run.stats["linear"] == 2
+    assert "clamp_" in report.result.module.code
+    assert run.max_abs_diff < 1e-3
