@@ -12,6 +12,7 @@ state_dicts round-trip.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,7 +57,8 @@ __all__ = [
     "models",
 ]
 
-ACTIVATIONS = ("relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid")
+#: ``identity`` chains layers directly (functional style: no node at all); ``relu_`` writes in place
+ACTIVATIONS = ("relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "identity", "relu_")
 CALL_STYLES = ("module", "functional", "method")
 
 CNN_BLOCKS = ("plain", "residual", "concat", "depthwise", "grouped", "se", "shuffle", "pool", "groupnorm")
@@ -160,13 +162,15 @@ def _seeded(seed: int) -> Iterator[None]:
 
 _ACTIVATION_MODULES = {
     "relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid,
-    "tanh": nn.Tanh, "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid,
+    "tanh": nn.Tanh, "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "identity": nn.Identity,
+    "relu_": functools.partial(nn.ReLU, inplace=True),
 }
 _ACTIVATION_FUNCTIONS = {
     "relu": F.relu, "relu6": F.relu6, "gelu": F.gelu, "silu": F.silu, "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid,
+    "tanh": torch.tanh, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "identity": lambda x: x,
+    "relu_": torch.relu_,
 }
-_ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
+_ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "relu_": "relu_"}
 
 
 class Activation(nn.Module):
