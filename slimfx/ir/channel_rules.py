@@ -19,7 +19,7 @@ from torch import fx
 
 from slimfx.ir.layer import Layer, attribute_uses
 from slimfx.ir.meta import TensorMeta, meta_of
-from slimfx.ir.ops import OpKind, data_input
+from slimfx.ir.ops import OpKind, data_input, op_name
 from slimfx.ir.program import Program
 
 
@@ -114,16 +114,6 @@ def shape_of(node: Any) -> tuple[int, ...] | None:
     if isinstance(meta, tuple) and meta and isinstance(meta[0], TensorMeta):
         meta = meta[0]
     return meta.shape if isinstance(meta, TensorMeta) else None
-
-
-def op_name(node: fx.Node) -> str:
-    """The bare name of a node's op ("view", "transpose", "unflatten", ...), for rules that parse arguments."""
-    if node.op == "call_method":
-        return str(node.target)
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.name.split("::")[-1]
-    return getattr(target, "__name__", str(target))
 
 
 def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:

@@ -473,6 +473,24 @@ def data_input(node: fx.Node) -> Any:
     return node.args[index] if len(node.args) > index else None
 
 
+def op_name(node: fx.Node) -> str:
+    """The bare name of a node's op ("view", "transpose", "unflatten", ...): the method name, the aten op's
+    name (``relu_``) or the function's ``__name__``."""
+    if node.op == "call_method":
+        return str(node.target)
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]
+    return getattr(target, "__name__", str(target))
+
+
+def target_name(node: fx.Node, module: nn.Module) -> str:
+    """:func:`op_name`, or for a module call its lowercased class name (``relu``, ``maxpool2d``)."""
+    if node.op == "call_module":
+        return type(module.get_submodule(node.target)).__name__.lower()
+    return op_name(node)
+
+
 def is_inplace(node: fx.Node, module: nn.Module | None = None) -> bool:
     """True when the node mutates one of its inputs (inplace=True, ``x.add_()``, ``nn.ReLU(inplace=True)``)."""
     if node.kwargs.get("inplace") is True:

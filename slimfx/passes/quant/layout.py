@@ -27,15 +27,15 @@ import torch
 from torch import fx
 
 from slimfx.ir.meta import tensor_meta
-from slimfx.ir.ops import OpKind, is_inplace
+from slimfx.ir.ops import OpKind, is_inplace, target_name
 from slimfx.ir.program import Program
 from slimfx.kernels import Int8Conv2d
 
 _EXACT_KINDS = {OpKind.ADD, OpKind.SUB, OpKind.MUL, OpKind.DIV, OpKind.CAT, OpKind.DROPOUT, OpKind.IDENTITY}
-#: Activations and pooling whose values cannot depend on the layout (no transcendental or summed terms).
-_EXACT_NAMES = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "max_pool2d",
-                "adaptive_max_pool2d"}
-_EXACT_MODULES = {"ReLU", "ReLU6", "Hardtanh", "LeakyReLU", "MaxPool2d", "AdaptiveMaxPool2d"}
+#: Activations and pooling whose values cannot depend on the layout (no transcendental or summed terms), as
+#: :func:`slimfx.ir.ops.target_name` names functions, methods and (lowercased) module classes.
+_EXACT_NAMES = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "leakyrelu",
+                "max_pool2d", "maxpool2d", "adaptive_max_pool2d", "adaptivemaxpool2d"}
 _SIZE_QUERIES = {"size", "dim", "shape", "dtype", "device", "ndim"}
 
 
@@ -51,16 +51,6 @@ def _is_int8_conv(program: Program, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(program.module.get_submodule(node.target), Int8Conv2d)
 
 
-def _target_name(program: Program, node: fx.Node) -> str:
-    if node.op == "call_module":
-        return type(program.module.get_submodule(node.target)).__name__
-    if isinstance(node.target, str):
-        return node.target
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.name.split("::")[-1]
-    return getattr(node.target, "__name__", "")
-
-
 def _is_size_query(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _SIZE_QUERIES
@@ -71,9 +61,7 @@ def _keeps_values_in_any_layout(program: Program, node: fx.Node) -> bool:
     """An op that may read a channels-last tensor: the same values as from NCHW, one 4-D tensor out."""
     if node.op not in ("call_function", "call_method", "call_module"):
         return False
-    name = _target_name(program, node)
-    exact = (program.kind(node) in _EXACT_KINDS or name in _EXACT_NAMES or
-             (node.op == "call_module" and name in _EXACT_MODULES))
+    exact = program.kind(node) in _EXACT_KINDS or target_name(node, program.module) in _EXACT_NAMES
     if not exact or node.kwargs.get("return_indices"):
         return False
     meta = tensor_meta(node)
@@ -110,7 +98,7 @@ def _unsafe_in_place(program: Program, copies: list[tuple[fx.Node, fx.Node]]) ->
         if node.op == "output" or not is_inplace(node, program.module):
             continue
         if not _keeps_values_in_any_layout(program, node):
-            return f"%{node.name} is an in-place {_target_name(program, node) or node.op}"
+            return f"%{node.name} is an in-place {target_name(node, program.module)}"
         if any(a in copied for a in node.all_input_nodes):
             return f"%{node.name} writes in place to a tensor that is also read in NCHW"
     return None

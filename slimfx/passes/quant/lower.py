@@ -7,11 +7,10 @@ int8 weight and scales. Activation mode:
 
 * ``static_per_tensor`` when the input goes through a frozen integer per-tensor fake-quant node (any width
   up to 8 bits), with its calibrated scale and zero point: the kernel's quantizer is the simulation's, bit
-  for bit. 8-bit codes with 7-bit weights
-  (``weights=int7-per-channel``) or 7-bit codes (``activations=int7-per-tensor``, torch.ao's
-  ``reduce_range``) with 8-bit weights are what fbgemm and oneDNN compute exactly on AVX2 CPUs without
-  VNNI; 8-bit codes with 8-bit weights need VNNI there (the dispatcher measures and checks, it never
-  assumes);
+  for bit. 8-bit codes with 7-bit weights (``weights=int7-per-channel``) or 7-bit codes
+  (``activations=int7-per-tensor``, torch.ao's ``reduce_range``) with 8-bit weights are what fbgemm and
+  oneDNN compute exactly on AVX2 CPUs without VNNI; 8-bit codes with 8-bit weights need VNNI there (the
+  dispatcher measures and checks, it never assumes);
 * ``dynamic_per_token`` (linears) when the input is a per-token fake-quant node;
 * an input without a fake-quant node: linears quantize it at run time per ``activations``
   (``dynamic-per-token``, the default and the GPU kernel's numerics, or ``dynamic-per-tensor``, torch.ao's
@@ -73,7 +72,7 @@ class LowerInt8Options:
     time (dynamic-per-token or dynamic-per-tensor) and convs keep it in float; keep leaves both alone."""
 
     activations: Literal["dynamic-per-token", "dynamic-per-tensor", "keep"] = "dynamic-per-token"
-    #: channels-last: keep activations channels-last between lowered convs (oneDNN's layout; exact), else keep
+    #: channels-last: keep activations channels-last between lowered convs (oneDNN's layout; values unchanged)
     layout: Literal["channels-last", "keep"] = "channels-last"
 
 
@@ -96,17 +95,6 @@ class _Plan:
 
 def _gamma(n: int) -> float:
     return n * _U / (1 - n * _U)
-
-
-def _target_name(program: Program, node: fx.Node) -> str:
-    if node.op == "call_module":
-        return type(program.module.get_submodule(node.target)).__name__.lower()
-    if node.op == "call_method":
-        return str(node.target)
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.name.split("::")[-1]
-    return getattr(target, "__name__", str(target))
 
 
 def _static_qparams(fq: FakeQuantize) -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,7 +353,7 @@ def _propagate(program: Program, node: fx.Node, values: dict, delta: dict, d_in:
     if kind is OpKind.SHAPE:
         return 0.0
     if kind is OpKind.ACTIVATION:
-        return _LIPSCHITZ.get(_target_name(program, node).rstrip("_"), math.inf) * d_in
+        return _LIPSCHITZ.get(ops.target_name(node, program.module).rstrip("_"), math.inf) * d_in
     if kind is OpKind.SOFTMAX:
         return d_in  # ||J||_inf = max_i 2 p_i (1 - p_i) <= 1/2
     if kind in (OpKind.ADD, OpKind.SUB):
@@ -382,7 +370,7 @@ def _propagate(program: Program, node: fx.Node, values: dict, delta: dict, d_in:
         return (magnitude(a) * db if db else 0.0) + (magnitude(b) * da if da else 0.0) + da * db
     if kind is OpKind.REDUCE:
         x, y = values.get(node.args[0]), values.get(node)
-        name = _target_name(program, node)
+        name = ops.target_name(node, program.module)
         if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
             return None
         return d_in if name.startswith("mean") else d_in * x.numel() / max(y.numel(), 1)

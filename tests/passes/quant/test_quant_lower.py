@@ -1,7 +1,6 @@
 """lower-int8: Int8Linear / Int8Conv2d replace fake-quantized layers within the bound the pass computes."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -210,6 +209,31 @@ def test_lowered_cnn_artifact_reloads_bit_for_bit(tmp_path):
     assert torch.equal(out(*inputs), back(*inputs)) and torch.equal(out(fresh), back(fresh))
 
 
+STATIC7 = "quant-insert{activations=int7-per-tensor},calibrate{progress=false}"
+
+
+def _calibrated(model: nn.Module, x: torch.Tensor, frontend: str = "fx"):
+    """``model`` traced on ``x`` with three random calibration batches of its shape."""
+    return set_calibration_data(slimfx.trace(model.eval(), (x,), frontend=frontend),
+                                [torch.randn_like(x) for _ in range(3)])
+
+
+def _exact_conv_kernel(monkeypatch) -> bool:
+    """Force oneDNN (exact in any layout; dense's F.conv2d is not) when it is there; whether it is."""
+    from slimfx.kernels import conv_kernels
+
+    if conv_kernels.CONV_CANDIDATES["onednn"].is_available():
+        monkeypatch.setenv("SLIMFX_KERNEL", "conv:onednn")
+        return True
+    return False
+
+
+def _lowered_both_layouts(program):
+    """``program`` lowered with the default channels-last layout rewrite and with ``layout=keep``."""
+    return (slimfx.run_pipeline(program, STATIC7 + ",lower-int8"),
+            slimfx.run_pipeline(program, STATIC7 + ",lower-int8{layout=keep}"))
+
+
 class _ViewAfterConvs(nn.Module):
     """A single-channel input (ambiguous layout), a conv chain with pooling and a residual add, a ``view``
     (raises on channels-last) and a second output straight from a conv."""
@@ -230,21 +254,13 @@ class _ViewAfterConvs(nn.Module):
 def test_channels_last_between_int8_convs_is_exact_and_hands_back_nchw(frontend, monkeypatch):
     """lower-int8 keeps activations channels-last between int8 convs (oneDNN's layout) and hands NCHW copies to
     ``view`` and the outputs: the same values as layout=keep (on one exact kernel), outputs NCHW-contiguous."""
-    from slimfx.kernels import conv_kernels
-
-    if conv_kernels.CONV_CANDIDATES["onednn"].is_available():
-        monkeypatch.setenv("SLIMFX_KERNEL", "conv:onednn")  # exact in any layout; dense's F.conv2d is not
+    exact = _exact_conv_kernel(monkeypatch)
     torch.manual_seed(0)
-    model = _ViewAfterConvs().eval()
     x = torch.randn(4, 1, 8, 8)
-    program = set_calibration_data(slimfx.trace(model, (x,), frontend=frontend),
-                                   [torch.randn(4, 1, 8, 8) for _ in range(3)])
-    base = "quant-insert{activations=int7-per-tensor},calibrate{progress=false},"
-    channels_last = slimfx.run_pipeline(program, base + "lower-int8")
-    keep = slimfx.run_pipeline(program, base + "lower-int8{layout=keep}")
+    channels_last, keep = _lowered_both_layouts(_calibrated(_ViewAfterConvs(), x, frontend))
     with torch.no_grad():
         got, want = channels_last.module(x), keep.module(x)
-    if os.environ.get("SLIMFX_KERNEL"):
+    if exact:
         assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-5) for g, w in zip(got, want))
     assert all(t.is_contiguous() for t in got)
@@ -283,20 +299,13 @@ class _LayoutTraps(nn.Module):
 
 @pytest.mark.parametrize("inplace", [False, True])
 def test_channels_last_stops_before_ops_whose_values_or_views_depend_on_layout(inplace, monkeypatch):
-    from slimfx.kernels import conv_kernels
-
-    if conv_kernels.CONV_CANDIDATES["onednn"].is_available():
-        monkeypatch.setenv("SLIMFX_KERNEL", "conv:onednn")
+    exact = _exact_conv_kernel(monkeypatch)
     torch.manual_seed(1)
     x = torch.randn(2, 3, 6, 6)
-    program = set_calibration_data(slimfx.trace(_LayoutTraps(inplace).eval(), (x,)),
-                                   [torch.randn(2, 3, 6, 6) for _ in range(3)])
-    base = "quant-insert{activations=int7-per-tensor},calibrate{progress=false},"
-    channels_last = slimfx.run_pipeline(program, base + "lower-int8")
-    keep = slimfx.run_pipeline(program, base + "lower-int8{layout=keep}")
+    channels_last, keep = _lowered_both_layouts(_calibrated(_LayoutTraps(inplace), x))
     with torch.no_grad():
         got, want = channels_last.module(x), keep.module(x)
-    assert all(torch.equal(g, w) for g, w in zip(got, want)) or not os.environ.get("SLIMFX_KERNEL")
+    assert all(torch.equal(g, w) for g, w in zip(got, want)) or not exact
     assert [t.is_contiguous() for t in got] == [t.is_contiguous() for t in want]
     code = channels_last.module.code
     assert "to_channels_last(" in code  # an in-place relu on a channels-last tensor is fine
@@ -318,10 +327,7 @@ class _ViewThenInplace(nn.Module):
 def test_an_in_place_write_to_a_tensor_also_read_in_nchw_keeps_the_layout():
     torch.manual_seed(2)
     x = torch.randn(2, 3, 5, 5)
-    program = set_calibration_data(slimfx.trace(_ViewThenInplace().eval(), (x,)),
-                                   [torch.randn(2, 3, 5, 5) for _ in range(3)])
-    out = slimfx.run_pipeline(program, "quant-insert{activations=int7-per-tensor},calibrate{progress=false},"
-                                       "lower-int8")
+    out = slimfx.run_pipeline(_calibrated(_ViewThenInplace(), x), STATIC7 + ",lower-int8")
     assert "to_channels_last" not in out.module.code
     assert any("writes in place to a tensor that is also read in NCHW" in n for n in out.log[-1].notes)
     with torch.no_grad():
@@ -342,10 +348,7 @@ class _InplaceAfterConv(nn.Module):
 def test_lowering_keeps_in_place_ops_whose_result_is_unused():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 6, 6)
-    program = set_calibration_data(slimfx.trace(_InplaceAfterConv().eval(), (x,)),
-                                   [torch.randn(2, 3, 6, 6) for _ in range(3)])
-    report = check_contract("quant-insert{activations=int7-per-tensor},calibrate{progress=false},lower-int8",
-                            program)
+    report = check_contract(STATIC7 + ",lower-int8", _calibrated(_InplaceAfterConv(), x))
     run = report.runs[-1]
     assert "add_" in report.result.module.code
     assert run.max_abs_diff <= run.bound * (1 + 1e-5) + 1e-6 and run.max_abs_diff < 1e-3
@@ -373,10 +376,7 @@ def test_layers_feeding_each_other_directly_lower_within_the_bound():
     'used before it has been defined' for conv -> conv and linear -> linear)."""
     torch.manual_seed(3)
     x = torch.randn(2, 3, 6, 6)
-    program = set_calibration_data(slimfx.trace(_DirectChains().eval(), (x,)),
-                                   [torch.randn(2, 3, 6, 6) for _ in range(3)])
-    report = check_contract("quant-insert{activations=int7-per-tensor},calibrate{progress=false},lower-int8",
-                            program)
+    report = check_contract(STATIC7 + ",lower-int8", _calibrated(_DirectChains(), x))
     run = report.runs[-1]
     assert run.stats["conv"] == 3 and run.stats["linear"] == 2
     assert "clamp_" in report.result.module.code
