@@ -2,9 +2,10 @@
 
 Table 1, per M x K x N: a one-Linear program through ``quant-insert,calibrate,lower-int8`` with 7-bit static
 activations (``activations=int7-per-tensor``, torch.ao's reduce_range), with 8-bit ones and 7-bit weights
-(``weights=int7-per-channel``) — the two schemes fbgemm / oneDNN compute exactly on AVX2 — and with the default
-8-bit activations and weights; Int8Linear directly in ``dynamic_per_token`` (the GPU kernel's numerics)
-and ``dynamic_per_tensor`` (torch.ao's); torch.ao's dynamic quantized Linear; fp32 nn.Linear. Table 2, per conv
+(``weights=int7-per-channel``) — the two schemes fbgemm / oneDNN compute exactly on AVX2 — with the default
+8-bit activations and weights, and with 8-bit dynamic activations
+(``lower-int8{activations=dynamic-per-tensor-u8}``, ONNX's DynamicQuantizeLinear) and 7-bit weights; Int8Linear
+directly (``bench/kernels.py``'s modes); torch.ao's dynamic quantized Linear; fp32 nn.Linear. Table 2, per conv
 shape: a one-Conv2d program lowered the same ways, on NCHW and channels-last inputs, vs fp32 conv (both layouts;
 the ratio is against the faster) and torch.ao's static quantized conv (x86 qconfig: quantize, quantized::conv2d,
 dequantize). Each row names the kernel the dispatcher chose; Table 3 lists every candidate it timed or
@@ -36,7 +37,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import DIRECT_INT8, markdown, time_interleaved  # noqa: E402
+from kernels import direct_int8_modules, markdown, time_interleaved  # noqa: E402
 from machine import machine_line  # noqa: E402
 
 import slimfx  # noqa: E402
@@ -53,22 +54,25 @@ QUICK_SHAPES = [(256, 1024, 1024), (512, 1024, 4096)]
 CONV_SHAPES = [(16, 64, 56, 64, 3, 1, 1), (16, 128, 28, 128, 3, 1, 1), (16, 256, 14, 256, 3, 1, 1),
                (16, 256, 28, 64, 1, 1, 1), (16, 128, 56, 128, 3, 1, 128)]
 QUICK_CONV_SHAPES = [(8, 64, 28, 64, 3, 1, 1), (8, 128, 28, 128, 3, 1, 128)]
-# quant-insert schemes (weights, activations) -> row label. On AVX2 without VNNI, 8-bit codes x 8-bit weights
-# saturate int16 pair sums in fbgemm / oneDNN; 7-bit codes or 7-bit weights do not.
-SCHEMES = {("int8-per-channel", "int7-per-tensor"): "7-bit static",
-           ("int7-per-channel", "int8-per-tensor"): "8-bit static, 7-bit weights",
-           ("int8-per-channel", "int8-per-tensor"): "8-bit static (default)"}
+# quant-insert schemes (weights, activations, lower-int8 options) -> row label. On AVX2 without VNNI, 8-bit codes x
+# 8-bit weights saturate int16 pair sums in fbgemm / oneDNN / onnxruntime; 7-bit codes or 7-bit weights do not.
+SCHEMES = {("int8-per-channel", "int7-per-tensor", ""): "7-bit static",
+           ("int7-per-channel", "int8-per-tensor", ""): "8-bit static, 7-bit weights",
+           ("int8-per-channel", "int8-per-tensor", ""): "8-bit static (default)"}
+#: linears also quantize their input at run time: ONNX's 8-bit DynamicQuantizeLinear with 7-bit weights
+LINEAR_SCHEMES = {**SCHEMES, ("int7-per-channel", "none", "{activations=dynamic-per-tensor-u8}"):
+                  "8-bit dynamic, 7-bit weights"}
 
 
 def lowered_programs(model: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor],
-                     scheme: tuple[str, str]) -> tuple[slimfx.Program, slimfx.Program]:
+                     scheme: tuple[str, str, str]) -> tuple[slimfx.Program, slimfx.Program]:
     """``model`` through quant-insert{weights=..., activations=...},calibrate: (the fake-quant simulation, it
-    lowered)."""
+    lowered with ``lower-int8`` and the scheme's options)."""
     program = set_calibration_data(slimfx.trace(model, (example,)), calibration)
-    weights, activations = scheme
+    weights, activations, lower_options = scheme
     simulated = slimfx.run_pipeline(
         program, f"quant-insert{{weights={weights},activations={activations}}},calibrate{{progress=false}}")
-    return simulated, slimfx.run_pipeline(simulated, "lower-int8")
+    return simulated, slimfx.run_pipeline(simulated, f"lower-int8{lower_options}")
 
 
 def ao_dynamic(model: nn.Module) -> nn.Module:
@@ -111,16 +115,13 @@ def bench_linear(shapes, budget_s: float) -> str:
             ao = ao_dynamic(nn.Sequential(linear))
             fns = {"fp32": partial(linear, x), "ao": partial(ao, x)}
             labels, errors_vs_sim = {"ao": "torch.ao dynamic quantized Linear"}, {}
-            for scheme, label in SCHEMES.items():
+            for scheme, label in LINEAR_SCHEMES.items():
                 simulated, lowered = lowered_programs(nn.Sequential(linear), calibration[0], calibration, scheme)
                 lowered.module(x)  # the dispatcher measures its candidates once for this shape, outside the timing
                 fns[label] = partial(lowered.module, x)
                 labels[label] = f"slimfx lowered, {label} [{_kernel_of(lowered, Int8Linear)}]"
                 errors_vs_sim[label] = cpu_kernels.relative_error(lowered.module(x), simulated.module(x))
-            for mode, weight_bits in DIRECT_INT8:
-                direct = Int8Linear.from_float(linear, mode=mode, weight_bits=weight_bits)
-                direct(x)
-                name = mode + ("" if weight_bits == 8 else f", {weight_bits}-bit weights")
+            for name, direct in direct_int8_modules(linear, x).items():
                 fns[name] = partial(direct, x)
                 labels[name] = f"slimfx Int8Linear {name} [{direct.last_kernel}]"
             # every implementation in turns (round after round), each keeping its best: the VM drifts

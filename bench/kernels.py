@@ -43,9 +43,24 @@ GPU_PEAKS = {
 }
 
 
-#: Int8Linear modes timed directly (mode, weight bits): 7-bit weights let per-token 8-bit codes (the GPU kernel's
-#: numerics) run exactly on the int8 kernels of AVX2 CPUs without VNNI
-DIRECT_INT8 = (("dynamic_per_token", 8), ("dynamic_per_token", 7), ("dynamic_per_tensor", 8))
+#: Int8Linear modes timed directly (row name -> Int8Linear.from_float options): 7-bit weights let 8-bit codes
+#: (per-token: the GPU kernel's numerics; per-tensor: ONNX's DynamicQuantizeLinear, onnxruntime's dynamic int8)
+#: run exactly on the int8 kernels of AVX2 CPUs without VNNI
+DIRECT_INT8 = {
+    "dynamic_per_token": dict(mode="dynamic_per_token"),
+    "dynamic_per_token, 7-bit weights": dict(mode="dynamic_per_token", weight_bits=7),
+    "dynamic_per_tensor (7-bit codes)": dict(mode="dynamic_per_tensor"),
+    "dynamic_per_tensor 8-bit codes, 7-bit weights": dict(mode="dynamic_per_tensor", act_bits=8, weight_bits=7),
+}
+
+
+def direct_int8_modules(linear: nn.Linear, x: torch.Tensor) -> dict[str, Int8Linear]:
+    """``linear`` as an Int8Linear in each :data:`DIRECT_INT8` mode, each run once on ``x`` (the dispatcher
+    measures once per shape, cached, and the weight is prepacked: outside any timing)."""
+    modules = {name: Int8Linear.from_float(linear, **options) for name, options in DIRECT_INT8.items()}
+    for module in modules.values():
+        module(x)
+    return modules
 
 def time_ms(fn: Callable[[], object], budget_s: float, max_runs: int = 25,
             sync: Callable[[], None] = lambda: None) -> float:
@@ -149,10 +164,7 @@ def bench_cpu_int8(shapes, budget_s: float) -> str:
             with torch.no_grad():
                 ref = linear(x)
                 fns, labels, outputs = {"fp32": partial(linear, x)}, {}, {}
-                for mode, weight_bits in DIRECT_INT8:
-                    module = Int8Linear.from_float(linear, mode=mode, weight_bits=weight_bits)
-                    module(x)  # dispatch (measures once, cached) and prepack outside the timing
-                    name = mode + ("" if weight_bits == 8 else f", {weight_bits}-bit weights")
+                for name, module in direct_int8_modules(linear, x).items():
                     fns[name], labels[name] = partial(module, x), f"slimfx {name} [{module.last_kernel}]"
                 import warnings
 

@@ -15,11 +15,16 @@ them the weight is int8 ``w_q [N, K]`` with a per-output-channel fp32 scale ``w_
 * ``dynamic_per_token``: per row ``s_x = absmax(x[m]) / 127`` (clamped >= 1e-8), ``z_x = 0``,
   ``q_x = clamp(round_half_even(x / s_x), -127, 127)``. Identical to ``reference.w8a8_linear_ref``
   and the GPU kernel.
-* ``dynamic_per_tensor``: torch.ao / fbgemm dynamic quantization with ``reduce_range`` (7-bit
-  activations, which never saturate int8 instructions on AVX2): over the whole input
+* ``dynamic_per_tensor`` (``bits=7``, the default): torch.ao / fbgemm dynamic quantization with
+  ``reduce_range`` (7-bit activations, which never saturate int8 instructions on AVX2): over the whole input
   ``lo = min(min(x), 0)``, ``hi = max(max(x), 0)``, ``s_x = (hi - lo) / 127``,
   ``z_x = clamp(round(-lo / s_x), 0, 127)`` (torch's ``ChooseQuantizationParams``),
   ``q_x = clamp(round(x * (1 / s_x)) + z_x, 0, 127)``.
+  ``bits=8``: ONNX ``DynamicQuantizeLinear`` (onnxruntime's dynamic int8): the same range, in fp32
+  ``s_x = (hi - lo) / 255`` (1 when ``hi == lo``), ``z_x = round_half_even(clamp(-lo / s_x, 0, 255))``,
+  ``q_x = clamp(round_half_even(x / s_x) + z_x, 0, 255)``. Twice the resolution; exact on AVX2 CPUs without
+  VNNI with weights in [-63, 63] (``weight_bits=7``), where onnxruntime's fused ``DynamicQuantizeMatMul``
+  runs it.
 * ``static_per_tensor``: a calibrated ``s_x`` and ``z_x`` in ``[0, 2**bits - 1]`` (quint8, the torch.ao
   static convention, for ``bits=8``), ``q_x = clamp(round_half_even(x / s_x) + z_x, 0, 2**bits - 1)`` (the
   fake-quant simulation's and ONNX QuantizeLinear's). ``bits=7`` is torch.ao's ``reduce_range``: with codes
@@ -68,8 +73,10 @@ GATHER_BYTES = 2 << 20
 class ActQuant:
     """How an int8 module quantizes its input (see the module docstring for the numerics).
 
-    ``bits`` is for ``static_per_tensor`` only: the activation codes are unsigned ``bits``-bit integers
-    ``[0, 2**bits - 1]`` (8: quint8; 7: torch.ao's reduce_range). ``weight_only`` (convs) keeps the input
+    ``bits`` is the width of unsigned activation codes ``[0, 2**bits - 1]``: for ``static_per_tensor`` 2 to 8
+    (default 8, quint8; 7: torch.ao's reduce_range), for ``dynamic_per_tensor`` 7 (the default, torch.ao's
+    formula) or 8 (ONNX ``DynamicQuantizeLinear``'s); per-token codes are symmetric int8 (``bits`` is 8).
+    ``weight_only`` (convs) keeps the input
     in float. ``weight_bits`` bounds the module's weight codes, ``|w_q| <= 2**(weight_bits - 1) - 1``: the
     dispatcher probes with weights that wide, so 8-bit activation codes with 7-bit weights (whose int16 pair
     sums cannot saturate, 255 * 63 * 2 < 2**15) run exactly on fbgemm / oneDNN on AVX2 CPUs.
@@ -78,12 +85,14 @@ class ActQuant:
     mode: str = "dynamic_per_token"
     scale: float | None = None
     zero_point: int | None = None
-    bits: int = 8
+    bits: int | None = None  # None: the mode's default (see default_act_bits)
     weight_bits: int = 8
 
     def __post_init__(self) -> None:
         if self.mode not in ACT_MODES + ("weight_only",):
             raise KernelError(f"activation mode {self.mode!r} is not one of {ACT_MODES + ('weight_only',)}")
+        if self.bits is None:
+            object.__setattr__(self, "bits", default_act_bits(self.mode))
         if not 2 <= int(self.weight_bits) <= 8:
             raise KernelError(f"weight codes have 2 to 8 bits, got weight_bits={self.weight_bits!r}")
         if self.mode == "static_per_tensor":
@@ -99,8 +108,12 @@ class ActQuant:
             return
         if self.scale is not None or self.zero_point is not None:
             raise KernelError(f"{self.mode} computes its activation scale itself; pass act_scale=None")
-        if self.bits != 8:
-            raise KernelError(f"bits={self.bits} is for static_per_tensor; {self.mode} has a fixed format")
+        if self.mode == "dynamic_per_tensor" and self.bits not in (7, 8):
+            raise KernelError(f"dynamic_per_tensor activation codes have 7 bits (torch.ao's formula) or 8 "
+                              f"(ONNX DynamicQuantizeLinear's), got bits={self.bits!r}")
+        if self.mode != "dynamic_per_tensor" and self.bits != 8:
+            raise KernelError(f"bits={self.bits} is for static_per_tensor and dynamic_per_tensor; {self.mode} "
+                              "has a fixed format")
 
     @property
     def code_max(self) -> int:
@@ -111,8 +124,14 @@ class ActQuant:
     def label(self) -> str:
         """The mode, with the activation / weight code widths that are not 8 bits (``static_per_tensor_u7``,
         ``static_per_tensor_w7``)."""
-        return (self.mode + ("" if self.bits == 8 else f"_u{self.bits}")
+        return (self.mode + ("" if self.bits == default_act_bits(self.mode) else f"_u{self.bits}")
                 + ("" if self.weight_bits == 8 else f"_w{self.weight_bits}"))
+
+
+def default_act_bits(mode: str) -> int:
+    """The activation code width a mode has unless told otherwise: 7 for ``dynamic_per_tensor`` (torch.ao's
+    reduce_range), else 8."""
+    return 7 if mode == "dynamic_per_tensor" else 8
 
 
 @dataclass(frozen=True)
@@ -163,6 +182,17 @@ def choose_per_tensor_qparams(x: torch.Tensor, qmax: int = 127) -> tuple[float, 
     return float(torch.tensor(scale, dtype=torch.float32)), zero_point
 
 
+def onnx_dynamic_qparams(x: torch.Tensor) -> tuple[float, int]:
+    """ONNX ``DynamicQuantizeLinear``'s uint8 (scale, zero point) of ``x``, in fp32 as onnxruntime computes
+    them: the range widened to include 0, ``scale = (hi - lo) / 255`` (1 for an all-zero range),
+    ``zero_point = round_half_even(clamp(-lo / scale, 0, 255))``."""
+    lo, hi = torch.aminmax(x.float()) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
+    lo, hi = lo.clamp(max=0.0).cpu(), hi.clamp(min=0.0).cpu()
+    scale = (hi - lo) / 255 if bool(hi != lo) else torch.tensor(1.0)
+    zero_point = torch.clamp(torch.div(-lo, scale), 0, 255).round()
+    return float(scale), int(zero_point)
+
+
 def quantize_activation(x2d: torch.Tensor, act: ActQuant) -> QuantizedActivation:
     """Quantize a 2-D float activation ``[M, K]`` per ``act`` (the spec every candidate shares)."""
     x = x2d.float()
@@ -171,6 +201,11 @@ def quantize_activation(x2d: torch.Tensor, act: ActQuant) -> QuantizedActivation
 
         q, scale = reference.quantize_per_token_ref(x)
         return QuantizedActivation(q, offset=128, zero_point=128, row_scale=scale.float())
+    if act.mode == "dynamic_per_tensor" and act.bits == 8:
+        scale, zp = onnx_dynamic_qparams(x)
+        q = torch.div(x, torch.tensor(scale, dtype=torch.float32, device=x.device)).round_().add_(zp).clamp_(0, 255)
+        row_scale = torch.full((x.shape[0],), scale, dtype=torch.float32, device=x.device)
+        return QuantizedActivation((q - 128).to(torch.int8), offset=128, zero_point=zp, row_scale=row_scale)
     if act.mode == "dynamic_per_tensor":
         scale, zp = choose_per_tensor_qparams(x)
         inv = torch.tensor(1.0 / scale, dtype=torch.float32)
@@ -331,9 +366,12 @@ def _fbgemm_prepack(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor
 class _FbgemmDynamicRun:
     def __init__(self, w_q, w_scale, bias, act):
         self.packed = _fbgemm_prepack(w_q, w_scale, bias)
+        self.reduce_range = act.bits == 7
 
     def run(self, x2d: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x2d.float(), self.packed, True)
+        # 8 bits: torch's ChooseQuantizationParams(0, 255) and fbgemm's quantizer, within the mode's tolerance
+        # of ONNX's formula (a tie may round the other way)
+        return torch.ops.quantized.linear_dynamic(x2d.float(), self.packed, self.reduce_range)
 
 
 class _FbgemmStaticRun:
@@ -419,12 +457,17 @@ class OnednnQLinear(_Int8Candidate):
 
 
 class _OnnxruntimeRun:
-    """One onnxruntime session per prepared weight: ``Clip`` (narrow static codes only) -> ``QuantizeLinear``
-    (the division, round half to even: the simulation's codes) -> ``com.microsoft.MatMulIntegerToFloat``
-    (MLAS's u8 x s8 GEMM with the weight prepacked at session creation, int32 accumulation, fp32 epilogue and
-    bias). For ``dynamic_per_tensor`` torch computes the qparams (:func:`choose_per_tensor_qparams`, 7-bit
-    codes) and feeds them in. Measured on an AVX2 EPYC it runs 1.1-1.2x fbgemm's GEMM. The session keeps its
-    own packed copy of the weight."""
+    """One onnxruntime session per prepared weight, running MLAS's u8 x s8 GEMM with the weight prepacked at
+    session creation, int32 accumulation, an fp32 epilogue and the bias:
+
+    * static, and dynamic 7-bit: ``Clip`` (narrow static codes only) -> ``QuantizeLinear`` (the division, round
+      half to even: the simulation's codes) -> ``com.microsoft.MatMulIntegerToFloat``; for 7-bit dynamic
+      codes torch computes the qparams (:func:`choose_per_tensor_qparams`) and feeds them in;
+    * dynamic 8-bit: ``com.microsoft.DynamicQuantizeMatMul``, which finds the range, quantizes
+      (:func:`onnx_dynamic_qparams`, the division) and multiplies in one op.
+
+    Measured on an AVX2 EPYC it runs 1.1-1.2x fbgemm's GEMM. The session keeps its own packed copy of the
+    weight."""
 
     def __init__(self, w_q, w_scale, bias, act):
         import numpy as np
@@ -432,29 +475,17 @@ class _OnnxruntimeRun:
         from onnx import TensorProto, helper, numpy_helper
 
         n, k = w_q.shape
-        self.dynamic = act.mode == "dynamic_per_tensor"
+        self.torch_qparams = act.mode == "dynamic_per_tensor" and act.bits == 7
         consts = {"w": w_q.t().contiguous().numpy(), "w_scale": w_scale.float().contiguous().numpy(),
                   "w_zero_point": np.zeros(n, dtype=np.int8)}
-        graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])]
-        if self.dynamic:
-            graph_inputs += [helper.make_tensor_value_info("a_scale", TensorProto.FLOAT, []),
-                       helper.make_tensor_value_info("a_zero_point", TensorProto.UINT8, [])]
-        else:
-            zp = int(act.zero_point)
-            scale = np.array(float(act.scale), dtype=np.float32)
-            consts.update(a_scale=scale, a_zero_point=np.array(zp, dtype=np.uint8))
-        nodes, x_name = [], "x"
-        if not self.dynamic and act.code_max < 255:  # QuantizeLinear clamps to uint8's range; clip narrower
-            consts["lo"] = np.array(-zp * scale, dtype=np.float32)
-            consts["hi"] = np.array((act.code_max - zp) * scale, dtype=np.float32)
-            nodes.append(helper.make_node("Clip", ["x", "lo", "hi"], ["x_clipped"]))
-            x_name = "x_clipped"
-        nodes.append(helper.make_node("QuantizeLinear", [x_name, "a_scale", "a_zero_point"], ["q"]))
-        inputs = ["q", "w", "a_scale", "w_scale", "a_zero_point", "w_zero_point"]
         if bias is not None:
             consts["bias"] = bias.float().contiguous().numpy()
-            inputs.append("bias")
-        nodes.append(helper.make_node("MatMulIntegerToFloat", inputs, ["y"], domain="com.microsoft"))
+        graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])]
+        if act.mode == "dynamic_per_tensor" and act.bits == 8:
+            nodes = [helper.make_node("DynamicQuantizeMatMul", ["x", "w", "w_scale", "w_zero_point"]
+                                      + (["bias"] if bias is not None else []), ["y"], domain="com.microsoft")]
+        else:
+            nodes = self._quantize_then_matmul(act, consts, graph_inputs, bias is not None)
         graph = helper.make_graph(
             nodes, "slimfx_int8_linear", graph_inputs,
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
@@ -471,23 +502,45 @@ class _OnnxruntimeRun:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
+    def _quantize_then_matmul(self, act, consts: dict, graph_inputs: list, has_bias: bool) -> list:
+        import numpy as np
+        from onnx import TensorProto, helper
+
+        if self.torch_qparams:
+            graph_inputs += [helper.make_tensor_value_info("a_scale", TensorProto.FLOAT, []),
+                             helper.make_tensor_value_info("a_zero_point", TensorProto.UINT8, [])]
+        else:
+            zp = int(act.zero_point)
+            scale = np.array(float(act.scale), dtype=np.float32)
+            consts.update(a_scale=scale, a_zero_point=np.array(zp, dtype=np.uint8))
+        nodes, x_name = [], "x"
+        if not self.torch_qparams and act.code_max < 255:  # QuantizeLinear clamps to uint8's range; clip narrower
+            consts["lo"] = np.array(-zp * scale, dtype=np.float32)
+            consts["hi"] = np.array((act.code_max - zp) * scale, dtype=np.float32)
+            nodes.append(helper.make_node("Clip", ["x", "lo", "hi"], ["x_clipped"]))
+            x_name = "x_clipped"
+        nodes.append(helper.make_node("QuantizeLinear", [x_name, "a_scale", "a_zero_point"], ["q"]))
+        inputs = ["q", "w", "a_scale", "w_scale", "a_zero_point", "w_zero_point"] + (["bias"] if has_bias else [])
+        nodes.append(helper.make_node("MatMulIntegerToFloat", inputs, ["y"], domain="com.microsoft"))
+        return nodes
+
     def run(self, x2d: torch.Tensor) -> torch.Tensor:
         import numpy as np
 
         x = x2d.detach().float().contiguous()
         feed = {"x": x.numpy()}
-        if self.dynamic:  # codes from the range: at most 128 (torch rounds the zero point), which u8 x s8 pair
-            # sums cannot saturate (128 * 127 * 2 < 2**15); the spec clamps at 127, like fbgemm within tolerance
+        if self.torch_qparams:  # codes from the range: at most 128 (torch rounds the zero point), which u8 x s8
+            # pair sums cannot saturate (128 * 127 * 2 < 2**15); the spec clamps at 127, like fbgemm within tolerance
             scale, zp = choose_per_tensor_qparams(x)
             feed.update(a_scale=np.array(scale, dtype=np.float32), a_zero_point=np.array(zp, dtype=np.uint8))
         return torch.from_numpy(self.session.run(None, feed)[0])
 
 
 class OnnxruntimeInt8(_Int8Candidate):
-    """onnxruntime's int8 linear (MLAS), for per-tensor activations (static, or dynamic with torch.ao's 7-bit
-    qparams), when onnxruntime is installed (``pip install slimfx[onnx]``). Its u8 x s8 kernels saturate int16
-    pair sums on AVX2 for 8-bit codes with 8-bit weights (the dispatcher's probe rejects it there); with 7-bit
-    codes or 7-bit weights it is exact."""
+    """onnxruntime's int8 linear (MLAS), for per-tensor activations (static, dynamic with torch.ao's 7-bit
+    qparams, or ONNX's own 8-bit dynamic quantization), when onnxruntime is installed (``pip install
+    slimfx[onnx]``). Its u8 x s8 kernels saturate int16 pair sums on AVX2 for 8-bit codes with 8-bit weights
+    (the dispatcher's probe rejects it there); with 7-bit codes or 7-bit weights it is exact."""
 
     name = "onnxruntime"
     modes = ("static_per_tensor", "dynamic_per_tensor")

@@ -120,9 +120,10 @@ class Int8Linear(_KernelModule):
 
     * ``"dynamic_per_token"`` (default): symmetric int8 per row, the GPU kernel's numerics; reference
       ``reference.w8a8_linear_ref``. Every kernel is within 1e-4 x max|reference| of it.
-    * ``"dynamic_per_tensor"``: torch.ao dynamic quantization (per-tensor asymmetric, 7-bit ``reduce_range``
-      activations), what fbgemm runs natively; within 2e-2 x max|spec| of
-      :func:`cpu_kernels.int8_linear_spec` (fbgemm rounds activation ties its own way).
+    * ``"dynamic_per_tensor"``: per-tensor asymmetric codes from the input's range: ``act_bits=7`` (default)
+      torch.ao's dynamic quantization (``reduce_range``), what fbgemm runs natively; ``act_bits=8`` ONNX
+      ``DynamicQuantizeLinear``'s, onnxruntime's fused dynamic int8, exact on AVX2 CPUs with 7-bit weights;
+      within 2e-2 x max|spec| of :func:`cpu_kernels.int8_linear_spec` (fbgemm rounds ties its own way).
     * ``"static_per_tensor"``: the calibrated ``act_scale`` / ``act_zero_point``, ``act_bits``-bit unsigned
       codes (8: quint8; 7: torch.ao's reduce_range); the int8 kernels are exact on AVX2 CPUs for 7-bit codes
       or 7-bit weights (the module reports its weights' width to the dispatcher); within 1e-4 x max|spec|,
@@ -135,7 +136,7 @@ class Int8Linear(_KernelModule):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  mode: str = "dynamic_per_token", act_scale: float | torch.Tensor | None = None,
                  act_zero_point: int | torch.Tensor | None = None, kernel: str | None = None,
-                 act_bits: int = 8) -> None:
+                 act_bits: int | None = None) -> None:
         super().__init__(kernel)
         if mode not in ACT_MODES:
             raise KernelError(f"Int8Linear: mode {mode!r} is not one of {ACT_MODES}")
@@ -150,11 +151,11 @@ class Int8Linear(_KernelModule):
     @classmethod
     def from_float(cls, linear: nn.Linear, mode: str = "dynamic_per_token",
                    act_scale: float | torch.Tensor | None = None, act_zero_point: int | None = None,
-                   kernel: str | None = None, act_bits: int = 8, weight_bits: int = 8) -> Int8Linear:
+                   kernel: str | None = None, act_bits: int | None = None, weight_bits: int = 8) -> Int8Linear:
         """Quantize ``linear``'s weight per output channel, symmetric: with ``t = 2**(weight_bits - 1) - 1``
         (127 for 8 bits), ``scale = max(absmax / t, 1e-8)``, ``q = clamp(round_half_even(w / scale), -t, t)``;
         the bias is kept in fp32. ``weight_bits=7`` lets the int8 kernels of AVX2 CPUs without VNNI run 8-bit
-        activation codes (per-token or static) exactly."""
+        activation codes (per-token, dynamic per-tensor or static) exactly."""
         if not isinstance(linear, nn.Linear):
             raise KernelError(f"Int8Linear.from_float expects an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach().float()
@@ -201,9 +202,11 @@ class Int8Linear(_KernelModule):
 
 
 def _register_act_qparams(module: nn.Module, owner: str, mode: str, act_scale, act_zero_point,
-                          act_bits: int) -> int:
+                          act_bits: int | None) -> int:
     """Register ``act_scale`` / ``act_zero_point`` buffers for ``static_per_tensor`` (validated now, not at
-    the first forward); refuse them for the other modes. Returns the activation code width."""
+    the first forward); refuse them for the other modes. Returns the activation code width (``None``: the
+    mode's default)."""
+    act_bits = cpu_kernels.default_act_bits(mode) if act_bits is None else act_bits
     if mode == "static_per_tensor":
         if act_scale is None:
             raise KernelError(f"{owner}(mode='static_per_tensor') needs act_scale from calibration (and "
@@ -216,8 +219,14 @@ def _register_act_qparams(module: nn.Module, owner: str, mode: str, act_scale, a
     if act_scale is not None or act_zero_point is not None:
         raise KernelError(f"{owner}(mode={mode!r}) has no static activation qparams; "
                           "act_scale/act_zero_point are for mode='static_per_tensor'")
+    if mode == "dynamic_per_tensor":
+        if act_bits not in (7, 8):
+            raise KernelError(f"{owner}(mode='dynamic_per_tensor'): act_bits must be 7 (torch.ao's dynamic "
+                              f"quantization, the default) or 8 (ONNX DynamicQuantizeLinear's), got {act_bits!r}")
+        return int(act_bits)
     if act_bits != 8:
-        raise KernelError(f"{owner}(mode={mode!r}): act_bits is for mode='static_per_tensor'")
+        raise KernelError(f"{owner}(mode={mode!r}): act_bits is for mode='static_per_tensor' or "
+                          f"'dynamic_per_tensor'; {mode} has a fixed format")
     return 8
 
 
@@ -225,7 +234,7 @@ def _act_values(module: nn.Module) -> tuple:
     """The static activation qparams' values (two scalar reads): they key the module's memo and prepacked
     kernel by value, so writes the version counter misses (through ``.data``, numpy) still reach the run."""
     if module.mode != "static_per_tensor":
-        return ()
+        return (module.mode, module.act_bits)
     return (float(module.act_scale), int(module.act_zero_point), module.act_bits)
 
 
@@ -234,7 +243,8 @@ def _act_quant(module: nn.Module) -> ActQuant:
     if module.mode == "static_per_tensor":
         return ActQuant(module.mode, float(module.act_scale), int(module.act_zero_point), module.act_bits,
                         weight_bits)
-    return ActQuant(module.mode, weight_bits=weight_bits)
+    return ActQuant(module.mode, bits=module.act_bits if module.mode == "dynamic_per_tensor" else None,
+                    weight_bits=weight_bits)
 
 
 def _weight_bits(module: nn.Module) -> int:
@@ -251,7 +261,9 @@ def _weight_bits(module: nn.Module) -> int:
 
 
 def _mode_repr(module: nn.Module) -> str:
-    return module.mode if module.mode != "static_per_tensor" else f"{module.mode}, act_bits={module.act_bits}"
+    if module.mode in ("static_per_tensor", "dynamic_per_tensor"):
+        return f"{module.mode}, act_bits={module.act_bits}"
+    return module.mode
 
 
 def _quantize_per_channel(w: torch.Tensor, scale_out: torch.Tensor, bits: int = 8) -> torch.Tensor:

@@ -22,10 +22,15 @@ def _act(mode: str) -> ActQuant:
         return ActQuant("static_per_tensor", 0.08, 57, bits=7)
     if mode == "static_per_tensor_w7":
         return ActQuant("static_per_tensor", 0.04, 121, weight_bits=7)
+    if mode == "dynamic_per_tensor_u8_w7":
+        return ActQuant("dynamic_per_tensor", bits=8, weight_bits=7)
+    if mode == "dynamic_per_tensor_u8":
+        return ActQuant("dynamic_per_tensor", bits=8)
     return ActQuant(mode, 0.04, 120) if mode == "static_per_tensor" else ActQuant(mode)
 
 
-ACT_LABELS = cpu_kernels.ACT_MODES + ("static_per_tensor_u7", "static_per_tensor_w7")
+ACT_LABELS = cpu_kernels.ACT_MODES + ("static_per_tensor_u7", "static_per_tensor_w7", "dynamic_per_tensor_u8",
+                                      "dynamic_per_tensor_u8_w7")
 
 
 def _int8_problem(m: int, n: int, k: int, seed: int, weight_bits: int = 8):
@@ -45,7 +50,8 @@ EXACT_EVERYWHERE = {(name, label) for name in ("dense", "int_mm") for label in A
     ("fbgemm", "static_per_tensor_u7"), ("onednn", "static_per_tensor_u7"),
     ("fbgemm", "static_per_tensor_w7"), ("onednn", "static_per_tensor_w7"),
     ("onnxruntime", "static_per_tensor_u7"), ("onnxruntime", "static_per_tensor_w7"),
-    ("onnxruntime", "dynamic_per_tensor")}
+    ("onnxruntime", "dynamic_per_tensor"), ("fbgemm", "dynamic_per_tensor_u8_w7"),
+    ("onednn", "dynamic_per_tensor_u8_w7"), ("onnxruntime", "dynamic_per_tensor_u8_w7")}
 
 
 @settings(max_examples=20)
@@ -197,6 +203,45 @@ def test_per_tensor_qparams_are_torchs(m, k, shift, spread, seed):
     t_scale, t_zp = torch._choose_qparams_per_tensor(x, True)
     assert zp == t_zp
     assert scale == pytest.approx(t_scale, rel=1e-6)
+
+
+@settings(max_examples=40)
+@given(m=st.integers(1, 12), k=st.integers(1, 40), spread=st.floats(1e-6, 1e3), shift=st.floats(-3, 3),
+       seed=st.integers(0, 2**16))
+def test_8bit_dynamic_codes_are_onnx_dynamic_quantize_linear(m, k, spread, shift, seed):
+    """The 8-bit dynamic per-tensor spec is ONNX DynamicQuantizeLinear as onnxruntime computes it: the same
+    scale, zero point and codes (bit for bit), ties and one-sided ranges included."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)) * spread + shift * spread
+    if seed % 4 == 0:
+        x[0, 0] = 0.0 if k == 1 else x[0, 0]
+        x = x.abs()  # ranges that only touch zero from one side
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in
+         (("q", TensorProto.UINT8, [None, k]), ("s", TensorProto.FLOAT, []), ("z", TensorProto.UINT8, []))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    q, s, z = session.run(None, {"x": x.numpy()})
+    act = ActQuant("dynamic_per_tensor", bits=8)
+    ours = cpu_kernels.quantize_activation(x, act)
+    assert (float(s), int(z)) == (float(ours.row_scale[0]), ours.zero_point)
+    assert torch.equal(ours.unsigned(), torch.from_numpy(q))
+
+
+def test_dynamic_per_tensor_code_widths():
+    assert ActQuant("dynamic_per_tensor").bits == 7 and ActQuant("dynamic_per_tensor").label == "dynamic_per_tensor"
+    assert ActQuant("dynamic_per_tensor", bits=8, weight_bits=7).label == "dynamic_per_tensor_u8_w7"
+    assert ActQuant("static_per_tensor", 0.1, 3).bits == 8 and ActQuant("dynamic_per_token").bits == 8
+    for bad in (dict(mode="dynamic_per_tensor", bits=6), dict(mode="dynamic_per_token", bits=7)):
+        with pytest.raises(KernelError, match="bits"):
+            ActQuant(**bad)
+    x = torch.tensor([[-1.0, 0.5, 2.0]])
+    assert cpu_kernels.quantize_activation(x, ActQuant("dynamic_per_tensor", bits=8)).unsigned().max() == 255
+    assert cpu_kernels.quantize_activation(x, ActQuant("dynamic_per_tensor")).unsigned().max() <= 128
 
 
 def test_fbgemm_mode_equals_torch_ao_dynamic_linear():

@@ -52,21 +52,22 @@ def test_int8_linear_per_token_matches_w8a8_reference(lead, k, n, bias, kernel, 
 
 @pytest.mark.parametrize(("mode", "kernel", "bits"), [
     (mode, kernel, bits)
-    for mode, bits in (("dynamic_per_tensor", 8), ("static_per_tensor", 8), ("static_per_tensor", 7))
+    for mode, bits in (("dynamic_per_tensor", 7), ("dynamic_per_tensor", 8), ("static_per_tensor", 8),
+                       ("static_per_tensor", 7))
     for kernel in CPU_INT8 + ["fbgemm", "onednn"]
 ])
 def test_int8_linear_per_tensor_modes_match_spec(mode, kernel, bits):
     torch.manual_seed(0)
     linear = nn.Linear(40, 24)
     static = {"act_scale": 0.03 * 2 ** (8 - bits), "act_zero_point": 2 ** (bits - 1) + 3, "act_bits": bits} \
-        if mode == "static_per_tensor" else {}
+        if mode == "static_per_tensor" else {"act_bits": bits}
     module = Int8Linear.from_float(linear, mode=mode, kernel=_kernel(kernel), **static)
     x = torch.randn(3, 7, 40)
     y = module(x)
     spec = cpu_kernels.int8_linear_spec(x.reshape(-1, 40), module.weight_int8, module.weight_scale,
                                         module.bias, module.act_quant()).reshape(3, 7, 24)
     err = cpu_kernels.relative_error(y, spec)
-    if kernel in ("fbgemm", "onednn") and mode == "static_per_tensor" and bits == 8:
+    if kernel in ("fbgemm", "onednn") and bits == 8:
         return  # 8-bit codes: exact only with VNNI; the dispatcher's probe decides (test_dispatch)
     assert err <= cpu_kernels.INT8_TOLERANCE[mode], err
     # the quantized layer stays close to the float one it came from
@@ -414,6 +415,8 @@ def test_module_errors_name_the_problem():
         Int8Linear(8, 4, mode="static_per_tensor", act_scale=0.1, act_zero_point=128, act_bits=7)
     with pytest.raises(KernelError, match="act_bits is for mode='static_per_tensor'"):
         Int8Linear(8, 4, act_bits=7)
+    with pytest.raises(KernelError, match="act_bits must be 7 .* or 8"):
+        Int8Linear(8, 4, mode="dynamic_per_tensor", act_bits=6)
     with pytest.raises(KernelError, match="mode 'dynamic_per_token' is not one of"):
         Int8Conv2d(4, 4, 3, mode="dynamic_per_token")
     with pytest.raises(KernelError, match="divisible by groups=3"):
@@ -459,3 +462,21 @@ def test_forced_triton_interpreter_runs_block_sparse_linear(monkeypatch):
     ref = reference.bsr_linear_ref(x, sparse.weight, sparse.bias)
     assert cpu_kernels.relative_error(sparse(x), ref) <= 1e-4
     assert sparse.last_kernel == "triton"
+
+
+def test_dynamic_per_tensor_act_bits_default_repr_and_change_after_a_run():
+    """7-bit codes unless told (torch.ao's formula; modules saved before act_bits existed for this mode meant
+    that too); the width shows in the repr, and changing it on a module that already ran takes effect."""
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 16)
+    module = Int8Linear.from_float(linear, mode="dynamic_per_tensor", weight_bits=7, kernel="dense")
+    assert module.act_bits == 7 and "act_bits=7" in repr(module)
+    x = torch.randn(5, 32) * 3
+    y7 = module(x)
+    module.act_bits = 8
+    y8 = module(x)
+    spec8 = cpu_kernels.int8_linear_spec(x, module.weight_int8, module.weight_scale, module.bias,
+                                         cpu_kernels.ActQuant("dynamic_per_tensor", bits=8, weight_bits=7))
+    assert torch.equal(y8, spec8.float()) or cpu_kernels.relative_error(y8, spec8) <= 1e-6
+    assert not torch.equal(y7, y8)  # twice the resolution
+    assert cpu_kernels.relative_error(y8, linear(x).detach()) < cpu_kernels.relative_error(y7, linear(x).detach())

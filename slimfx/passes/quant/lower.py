@@ -13,8 +13,10 @@ int8 weight and scales. Activation mode:
   dispatcher measures and checks, it never assumes);
 * ``dynamic_per_token`` (linears) when the input is a per-token fake-quant node;
 * an input without a fake-quant node: linears quantize it at run time per ``activations``
-  (``dynamic-per-token``, the default and the GPU kernel's numerics, or ``dynamic-per-tensor``, torch.ao's
-  dynamic quantization, fast on x86 CPUs); convs keep it in float (``weight_only``: int8 storage, the
+  (``dynamic-per-token``, the default and the GPU kernel's numerics; ``dynamic-per-tensor``, torch.ao's
+  dynamic quantization with 7-bit codes, fast on x86 CPUs; ``dynamic-per-tensor-u8``, ONNX's 8-bit
+  ``DynamicQuantizeLinear``, half the step, exact and as fast on AVX2 CPUs with ``weights=int7-per-channel``
+  (onnxruntime's fused kernel)); convs keep it in float (``weight_only``: int8 storage, the
   simulation's arithmetic); ``activations=keep`` leaves both alone.
 
 fp8 / grouped / asymmetric weights, 1-d/3-d convs, geometry or biases computed by the graph, and
@@ -48,6 +50,7 @@ from slimfx.ir.layer import Layer
 from slimfx.ir.ops import OpKind, is_pure
 from slimfx.ir.program import Program
 from slimfx.kernels import INT8_TOLERANCE, ConvGeometry, Int8Conv2d, Int8Linear
+from slimfx.kernels.cpu_kernels import default_act_bits
 from slimfx.passes.base import Contract, Pass, PassResult, register_pass
 from slimfx.passes.cleanup.dce import delete_unused_submodules
 from slimfx.passes.quant.fake_quant import FakeQuantize, fake_quant_module
@@ -69,9 +72,11 @@ _PASS_THROUGH = {OpKind.RESHAPE, OpKind.PERMUTE, OpKind.CONTIGUOUS, OpKind.IDENT
 @dataclass
 class LowerInt8Options:
     """activations: what to do with layers whose input has no fake-quant node: linears quantize it at run
-    time (dynamic-per-token or dynamic-per-tensor) and convs keep it in float; keep leaves both alone."""
+    time (dynamic-per-token, dynamic-per-tensor with 7-bit codes, or dynamic-per-tensor-u8 with 8-bit codes)
+    and convs keep it in float; keep leaves both alone."""
 
-    activations: Literal["dynamic-per-token", "dynamic-per-tensor", "keep"] = "dynamic-per-token"
+    activations: Literal["dynamic-per-token", "dynamic-per-tensor", "dynamic-per-tensor-u8", "keep"] = \
+        "dynamic-per-token"
     #: channels-last: keep activations channels-last between lowered convs (oneDNN's layout; values unchanged)
     layout: Literal["channels-last", "keep"] = "channels-last"
 
@@ -172,6 +177,10 @@ class LowerInt8(Pass):
             notes.append("8-bit static activations with 8-bit weights: on x86 CPUs without VNNI the int8 kernels "
                          "saturate on them and the dispatcher falls back to float; quant-insert{weights="
                          "int7-per-channel} (or activations=int7-per-tensor) is exact with fbgemm/oneDNN there")
+        if any(p.mode == "dynamic_per_tensor" and p.act_bits == 8 and p.weight_bits == 8 for p in plans):
+            notes.append("8-bit dynamic activations with 8-bit weights: on x86 CPUs without VNNI the int8 kernels "
+                         "saturate on them and the dispatcher falls back to float; quant-insert{weights="
+                         "int7-per-channel} makes them exact with onnxruntime/fbgemm/oneDNN there")
         return PassResult(stats=stats, notes=notes, bound=bound)
 
     def _plan(self, program: Program, node: fx.Node, notes: list[str]) -> _Plan | None:
@@ -213,8 +222,11 @@ class LowerInt8(Pass):
             if self.options.activations == "keep":
                 notes.append(f"kept %{label}: its input is not fake-quantized (activations=keep)")
                 return None
-            mode = "weight_only" if is_conv else self.options.activations.replace("-", "_")
-            return _Plan(node, label, x, raw_weight, None, mode, geometry=geometry)
+            if is_conv:
+                return _Plan(node, label, x, raw_weight, None, "weight_only", geometry=geometry)
+            mode, _, width = self.options.activations.replace("-", "_").partition("_u")
+            return _Plan(node, label, x, raw_weight, None, mode, int(width or default_act_bits(mode)),
+                         weight_bits=wfq.spec.bits)
         aspec = afq.spec
         if aspec.dynamic and not is_conv:
             return _Plan(node, label, x.args[0], raw_weight, x, "dynamic_per_token")
@@ -234,6 +246,8 @@ class LowerInt8(Pass):
         scale = _static_qparams(wfq)[0].reshape(-1)
         bias = Layer(program, plan.node).get("bias")
         kwargs: dict[str, Any] = {}
+        if plan.mode == "dynamic_per_tensor":
+            kwargs = {"act_bits": plan.act_bits}
         if plan.mode == "static_per_tensor":
             afq: FakeQuantize = program.module.get_submodule(plan.act_fq.target)
             act_scale, act_zero_point = _static_qparams(afq)
@@ -301,10 +315,10 @@ def _input_error(plan: _Plan, values: dict, d_x: float) -> float:
     if plan.act_fq is None:  # the kernel quantizes what the simulation kept in float (or keeps it too)
         if plan.mode == "weight_only":
             return d_x
-        if plan.mode == "dynamic_per_tensor":  # one whole 7-bit step: fbgemm rounds ties its own way
+        if plan.mode == "dynamic_per_tensor":  # one whole step: fbgemm rounds ties its own way
             lo = min(float(x_raw.min()), 0.0) - d_x if x_raw.numel() else 0.0
             hi = max(float(x_raw.max()), 0.0) + d_x if x_raw.numel() else 0.0
-            return d_x + max((hi - lo) / 127, _TORCH_SMALL_SCALE)
+            return d_x + max((hi - lo) / (2**plan.act_bits - 1), _TORCH_SMALL_SCALE)
         return d_x + (_max_abs(x_raw) + d_x) / 254
     if d_x == 0.0:
         return 0.0  # the kernel's quantizer is the simulation's, on the same input

@@ -27,6 +27,7 @@ PIPELINES = [
     "quant-insert{activations=int8-per-token},lower-int8",
     "quant-insert{activations=none},lower-int8",
     "quant-insert{activations=none},lower-int8{activations=dynamic-per-tensor}",
+    "quant-insert{weights=int7-per-channel,activations=none},lower-int8{activations=dynamic-per-tensor-u8}",
 ]
 CNN_PIPELINES = [
     "quant-insert,calibrate{progress=false},lower-int8",
@@ -191,8 +192,11 @@ def test_layers_that_cannot_be_lowered_stay_and_are_noted():
     assert not _modules(out) and any("activations=keep" in n for n in out.log[-1].notes)
     out = slimfx.run_pipeline(program, "quant-insert{weights=int4-per-channel,activations=none},"
                                        "lower-int8{activations=dynamic-per-tensor}")
-    assert {m.mode for m in _modules(out)} == {"dynamic_per_tensor"}
+    assert {(m.mode, m.act_bits) for m in _modules(out)} == {("dynamic_per_tensor", 7)}
     assert all(int(m.weight_int8.abs().max()) <= 7 for m in _modules(out))  # int4 codes, stored as int8
+    out = slimfx.run_pipeline(program, "quant-insert{activations=none},lower-int8{activations=dynamic-per-tensor-u8}")
+    assert {(m.mode, m.act_bits) for m in _modules(out)} == {("dynamic_per_tensor", 8)}
+    assert any("8-bit dynamic activations with 8-bit weights" in n for n in out.log[-1].notes)
 
 
 def test_lowered_cnn_artifact_reloads_bit_for_bit(tmp_path):
