@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from slimfx.errors import KernelError
-from slimfx.kernels.cpu_kernels import ActQuant, PreparedKernel, static_codes
+from slimfx.kernels.cpu_kernels import ActQuant, PreparedKernel, scale_tensor, static_codes
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -85,7 +85,7 @@ def dequantized_conv_weight(w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.T
 def _x_hat(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
     if act.mode == "weight_only":
         return x.float()
-    return static_codes(x, act).mul_(torch.tensor(act.scale, dtype=torch.float32, device=x.device))
+    return static_codes(x, act).mul_(scale_tensor(act.scale, x.device))
 
 
 def int8_conv2d_spec(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
