@@ -76,10 +76,10 @@ class ActQuant:
     ``bits`` is the width of unsigned activation codes ``[0, 2**bits - 1]``: for ``static_per_tensor`` 2 to 8
     (default 8, quint8; 7: torch.ao's reduce_range), for ``dynamic_per_tensor`` 7 (the default, torch.ao's
     formula) or 8 (ONNX ``DynamicQuantizeLinear``'s); per-token codes are symmetric int8 (``bits`` is 8).
-    ``weight_only`` (convs) keeps the input
-    in float. ``weight_bits`` bounds the module's weight codes, ``|w_q| <= 2**(weight_bits - 1) - 1``: the
-    dispatcher probes with weights that wide, so 8-bit activation codes with 7-bit weights (whose int16 pair
-    sums cannot saturate, 255 * 63 * 2 < 2**15) run exactly on fbgemm / oneDNN on AVX2 CPUs.
+    ``weight_only`` (convs) keeps the input in float. ``weight_bits`` bounds the module's weight codes,
+    ``|w_q| <= 2**(weight_bits - 1) - 1``: the dispatcher probes with weights that wide, so 8-bit activation
+    codes with 7-bit weights (whose int16 pair sums cannot saturate, 255 * 63 * 2 < 2**15) run exactly on
+    fbgemm / oneDNN / onnxruntime on AVX2 CPUs.
     """
 
     mode: str = "dynamic_per_token"
@@ -234,8 +234,10 @@ def static_codes(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
 @functools.lru_cache(maxsize=256)
 def scale_tensor(scale: float, device: torch.device) -> torch.Tensor:
     """``scale`` as an fp32 0-d tensor on ``device``, made once (a tensor from a Python float costs ~4-10 us,
-    ~2% of a small int8 layer's call). Shared: read it, never write into it."""
-    return torch.tensor(float(scale), dtype=torch.float32, device=device)
+    ~2% of a small int8 layer's call). Shared: read it, never write into it. Made outside inference mode, so
+    autograd may save it even when the first call ran under ``torch.inference_mode()``."""
+    with torch.inference_mode(False):
+        return torch.tensor(float(scale), dtype=torch.float32, device=device)
 
 
 def int8_linear_spec(x2d: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,

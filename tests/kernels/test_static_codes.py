@@ -145,3 +145,14 @@ def test_an_onnxruntime_choice_cached_under_passive_is_measured_again_without_it
     monkeypatch.delenv("OMP_WAIT_POLICY")  # the next process starts without it
     dispatch.clear_memory_cache()
     assert dispatch.select_int8_kernel(32, 64, 128, act) != "onnxruntime"
+
+
+def test_the_shared_scale_tensor_works_with_autograd_after_an_inference_mode_call():
+    """static_codes reuses one scale tensor per value: made under inference_mode it would be an inference
+    tensor, which autograd refuses to save; a later call on an input that requires grad must still work."""
+    act = ActQuant("static_per_tensor", 0.04321, 5)  # a scale no other test uses: the first call makes it
+    with torch.inference_mode():
+        cpu_kernels.static_codes(torch.randn(3, 4), act)
+    x = torch.randn(3, 4, requires_grad=True)
+    torch.div(x, cpu_kernels.scale_tensor(act.scale, x.device)).sum().backward()
+    assert x.grad is not None and cpu_kernels.static_codes(x, act).shape == (3, 4)
