@@ -50,8 +50,20 @@ MASK_SUFFIX = "_mask"
 
 @torch.fx.wrap
 def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``weight * mask``: the masked weight a pruned layer reads (``mask`` is a bool tensor of its shape)."""
-    return weight * mask
+    """``weight * mask``: the masked weight a pruned layer reads (``mask`` is a bool tensor of its shape).
+
+    Without autograd recording (``no_grad`` / ``inference_mode``) the product keeps the weight's
+    ``requires_grad`` flag (a leaf, no graph): torch's matmul picks its algorithm by that flag (a 3-D input
+    times a weight that requires grad is folded into one 2-D GEMM, else batched), so the masked layer sums in
+    the same order as the baked parameter ``apply-masks`` leaves, bit for bit. Under ``inference_mode`` the
+    product is made as a normal tensor (an inference tensor's flag does not reach matmul)."""
+    masked = weight * mask
+    if weight.requires_grad and not masked.requires_grad:
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.no_grad():
+                masked = weight * mask
+        masked.requires_grad_(True)
+    return masked
 
 
 ops.register_function_kind(apply_mask, OpKind.MASK)

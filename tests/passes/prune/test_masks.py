@@ -75,6 +75,35 @@ def test_apply_masks_bakes_bit_exactly_and_restores_plain_layers(frontend):
         assert (weight == 0).float().mean().item() == pytest.approx(0.6, abs=0.02)
 
 
+class _TransposedInputLinear(nn.Module):
+    """A linear on a non-contiguous 3-D input (as attention's in-projection reads [T, B, D] transposed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x.transpose(0, 1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "grad"])
+def test_baking_is_exact_where_matmul_picks_its_algorithm_by_requires_grad(frontend, mode):
+    """torch's matmul folds a 3-D input times a weight that requires grad into one GEMM, and batches it
+    otherwise (another summation order). The baked weight is a parameter that requires grad; the masked
+    weight must take the same path, with and without autograd recording (found by the random models)."""
+    torch.manual_seed(0)
+    model = _TransposedInputLinear().eval()
+    x = torch.randn(2, 4, 16)
+    program = slimfx.trace(model, (x,), frontend=frontend)
+    masked = slimfx.run_pipeline(program, "prune-magnitude{sparsity=0.5}")
+    baked = slimfx.run_pipeline(masked, "apply-masks")  # the manager compares them under no_grad
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+               "grad": torch.enable_grad}[mode]
+    with context():
+        assert torch.equal(baked.module(x), masked.module(x))
+
+
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_masks_survive_later_passes(frontend):
     program, x = traced(frontend)
