@@ -26,6 +26,7 @@ from slimfx.errors import SlimfxError, did_you_mean
 
 __all__ = [
     "ACTIVATIONS",
+    "CHAINING_ACTIVATIONS",
     "Activation",
     "AttentionBlock",
     "CNN_FEATURES",
@@ -59,6 +60,8 @@ __all__ = [
 
 #: ``identity`` chains layers directly (functional style: no node at all); ``relu_`` writes in place
 ACTIVATIONS = ("relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "identity", "relu_")
+#: the activations after which a layer's output reaches the next layer unchanged or through an in-place op
+CHAINING_ACTIVATIONS = ("identity", "relu_")
 CALL_STYLES = ("module", "functional", "method")
 
 CNN_BLOCKS = ("plain", "residual", "concat", "depthwise", "grouped", "se", "shuffle", "pool", "groupnorm")
@@ -580,6 +583,11 @@ class TransformerModel(nn.Module):
 
 
 def _draw_activation(draw, names: tuple[str, ...] = ACTIVATIONS) -> tuple[nn.Module, str]:
+    """An activation; a quarter of the draws are one that chains layers directly (``identity``, or ``relu_``
+    in place), so passes meet layers feeding each other in most examples, not one in ten."""
+    chaining = tuple(n for n in names if n in CHAINING_ACTIVATIONS)
+    if chaining and draw(st.integers(0, 3)) == 0:
+        names = chaining
     name = draw(st.sampled_from(names))
     return make_activation(name, draw(st.sampled_from(CALL_STYLES))), name
 
@@ -591,7 +599,8 @@ def _divisors(n: int) -> list[int]:
 @st.composite
 def mlps(draw, max_depth: int = 4, max_width: int = 32, *, training: bool = False) -> ModelCase:
     """MLPs on [2, features] inputs: linears (module or F.linear), activations, optional BatchNorm1d /
-    LayerNorm, dropout, and residual adds between equal widths."""
+    LayerNorm, dropout, and residual adds between equal widths; a quarter of the layers are bare (linear
+    straight into the next, or through an in-place relu)."""
     if max_depth < 1 or max_width < 1:
         raise SlimfxError(f"mlps needs max_depth >= 1 and max_width >= 1, got {max_depth}, {max_width}")
     seed = draw(_SEED)
@@ -602,9 +611,11 @@ def mlps(draw, max_depth: int = 4, max_width: int = 32, *, training: bool = Fals
         for _ in range(draw(st.integers(1, max_depth))):
             cout = width if draw(st.booleans()) else draw(st.integers(1, max_width))
             linear = draw(st.sampled_from(("module", "module", "functional")))
-            norm = draw(st.sampled_from(("none", "batch", "layer")))
-            act, act_name = _draw_activation(draw)
-            dropout = draw(st.sampled_from(("none", "module", "functional")))
+            # a quarter of the layers are bare: linear straight into the next linear (or via an in-place relu)
+            bare = draw(st.integers(0, 3)) == 0
+            norm = "none" if bare else draw(st.sampled_from(("none", "batch", "layer")))
+            act, act_name = _draw_activation(draw, CHAINING_ACTIVATIONS if bare else ACTIVATIONS)
+            dropout = "none" if bare else draw(st.sampled_from(("none", "module", "functional")))
             residual = cout == width and draw(st.booleans())
             layers.append(MLPLayer(width, cout, linear, norm, act, dropout, residual))
             parts = [f"{'F.linear' if linear == 'functional' else 'linear'}({width}->{cout})"]
