@@ -17,8 +17,8 @@ and normalisation can differ in the last bit between their vectorised and scalar
 among them). What can change is the conv kernel the dispatcher picks for the new layout (each is within
 ``lower-int8``'s stated bound of the simulation). Programs with other in-place ops, or with an in-place
 activation on a tensor that also feeds an NCHW copy, are left alone (a copy would not see a later in-place
-write, nor an aliasing view a later write to its base); so are ``aten`` programs from torch.export. Both are
-noted.
+write, nor an aliasing view a later write to its base); that is noted. ``aten`` programs from torch.export get
+the same rewrite, with ``aten.clone(memory_format=contiguous_format)`` as the NCHW copy.
 """
 
 from __future__ import annotations
@@ -106,8 +106,6 @@ def _unsafe_in_place(program: Program, copies: list[tuple[fx.Node, fx.Node]]) ->
 
 def keep_int8_convs_channels_last(program: Program) -> tuple[int, str | None]:
     """Rewrite ``program`` in place as the module docstring says. Returns (conversions inserted, note)."""
-    if program.dialect != "torch":
-        return 0, "int8 conv activations keep their layout in the aten dialect (channels-last is torch-only here)"
     channels_last, convs, copies = _plan(program)
     why = _unsafe_in_place(program, copies)
     if why:
@@ -129,7 +127,11 @@ def keep_int8_convs_channels_last(program: Program) -> tuple[int, str | None]:
         program.module.get_submodule(node.target).output_memory_format = torch.channels_last
     for node, x in copies:  # an NCHW-contiguous copy made right before each consumer that needs one
         with graph.inserting_before(node):
-            to_nchw = graph.call_method("contiguous", (x,))
+            if program.dialect == "aten":  # aten has no contiguous(): a clone to the contiguous format
+                to_nchw = graph.call_function(torch.ops.aten.clone.default, (x,),
+                                              {"memory_format": torch.contiguous_format})
+            else:
+                to_nchw = graph.call_method("contiguous", (x,))
         to_nchw.meta = dict(x.meta)
         node.replace_input_with(x, to_nchw)
         inserted += 1

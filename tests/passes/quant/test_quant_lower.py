@@ -232,6 +232,10 @@ def _exact_conv_kernel(monkeypatch) -> bool:
     return False
 
 
+#: how each dialect writes the NCHW-contiguous copy the layout rewrite inserts
+_NCHW_COPY = {"fx": ".contiguous()", "export": "aten.clone.default"}
+
+
 def _lowered_both_layouts(program):
     """``program`` lowered with the default channels-last layout rewrite and with ``layout=keep``."""
     return (slimfx.run_pipeline(program, STATIC7 + ",lower-int8"),
@@ -270,14 +274,11 @@ def test_channels_last_between_int8_convs_is_exact_and_hands_back_nchw(frontend,
     assert all(t.is_contiguous() for t in got)
     convs = _modules(channels_last, Int8Conv2d)
     assert len(convs) == 3
-    if frontend == "export":
-        assert any("aten dialect" in n for n in channels_last.log[-1].notes)
-        return
     assert all(c.output_memory_format == torch.channels_last for c in convs)
     # x in; z copied back for its view and for the output (the size query reads it as it is)
     assert channels_last.log[-1].stats["layout_conversions"] == 3
     code = channels_last.module.code
-    assert code.count("to_channels_last(") == 1 and code.count(".contiguous()") == 2
+    assert code.count("to_channels_last(") == 1 and code.count(_NCHW_COPY[frontend]) == 2
     with torch.no_grad():  # the first conv's input has C = 1 (either layout); its output is channels-last
         first = convs[0](x.contiguous(memory_format=torch.channels_last))
         assert first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
@@ -301,19 +302,21 @@ class _LayoutTraps(nn.Module):
         return F.adaptive_avg_pool2d(g, 1).view(x.shape[0], -1), torch.flatten(g, 2)
 
 
+@pytest.mark.parametrize("frontend", ["fx", "export"])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_channels_last_stops_before_ops_whose_values_or_views_depend_on_layout(inplace, monkeypatch):
+def test_channels_last_stops_before_ops_whose_values_or_views_depend_on_layout(inplace, frontend, monkeypatch):
     exact = _exact_conv_kernel(monkeypatch)
     torch.manual_seed(1)
     x = torch.randn(2, 3, 6, 6)
-    channels_last, keep = _lowered_both_layouts(_calibrated(_LayoutTraps(inplace), x))
+    channels_last, keep = _lowered_both_layouts(_calibrated(_LayoutTraps(inplace), x, frontend))
     with torch.no_grad():
         got, want = channels_last.module(x), keep.module(x)
     assert all(torch.equal(g, w) for g, w in zip(got, want)) or not exact
     assert [t.is_contiguous() for t in got] == [t.is_contiguous() for t in want]
     code = channels_last.module.code
     assert "to_channels_last(" in code  # an in-place relu on a channels-last tensor is fine
-    assert "gelu(contiguous" in code.replace(" ", "")  # GELU reads an NCHW copy
+    gelu_reads = {"fx": "gelu(contiguous", "export": "gelu.default(clone_default"}[frontend]
+    assert gelu_reads in code.replace(" ", "")  # GELU reads an NCHW copy
 
 
 class _ViewThenInplace(nn.Module):
@@ -328,10 +331,11 @@ class _ViewThenInplace(nn.Module):
         return v
 
 
-def test_an_in_place_write_to_a_tensor_also_read_in_nchw_keeps_the_layout():
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_an_in_place_write_to_a_tensor_also_read_in_nchw_keeps_the_layout(frontend):
     torch.manual_seed(2)
     x = torch.randn(2, 3, 5, 5)
-    out = slimfx.run_pipeline(_calibrated(_ViewThenInplace(), x), STATIC7 + ",lower-int8")
+    out = slimfx.run_pipeline(_calibrated(_ViewThenInplace(), x, frontend), STATIC7 + ",lower-int8")
     assert "to_channels_last" not in out.module.code
     assert any("writes in place to a tensor that is also read in NCHW" in n for n in out.log[-1].notes)
     with torch.no_grad():
