@@ -176,7 +176,7 @@ def test_run_report_has_layer_rows_and_totals(capsys, digits_run):
     layers = {r["layer"]: r for r in report["layers"]}
     assert set(layers) == {"fc1", "fc2"}  # digits-mlp after fold-bn: two linears, no other state
     for r in layers.values():
-        assert r["kind"] == "linear" and r["weight_bits"] == 8 and r["act_bits"] == 8
+        assert r["kind"] == "linear" and r["weight_bits"] == 7 and r["act_bits"] == 8  # the recipe's int7 weights
         assert r["kernel"].startswith("int8:")
     assert layers["fc1"]["params"] == 64 * 64 + 64 and layers["fc1"]["params_before"] == 64 * 128 + 128
     assert layers["fc1"]["sqnr_db"] is None and "channels were removed" in layers["fc1"]["sqnr_note"]

@@ -25,7 +25,7 @@ def test_example_recipe_expands_to_pipeline_text():
     assert [s.kind for s in recipe.stages] == ["cleanup", "prune", "quant", "lower"]
     text = str(recipe.pipeline())
     assert text == ("canonicalize,fold-bn,prune-channels{sparsity=0.5,importance=l1},"
-                    "quant-insert{weights=int8-per-channel,activations=int8-per-tensor},"
+                    "quant-insert{weights=int7-per-channel,activations=int8-per-tensor},"
                     "calibrate{batches=8,progress=false},lower-int8")
     assert Pipeline.parse(text) == recipe.pipeline()
 
