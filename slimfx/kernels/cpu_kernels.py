@@ -63,6 +63,15 @@ CONV_ACT_MODES = ("static_per_tensor", "weight_only")
 #: fbgemm's rounding of activation ties (at most one 7-bit step on a few elements).
 INT8_TOLERANCE = {"dynamic_per_token": 1e-4, "dynamic_per_tensor": 2e-2, "static_per_tensor": 1e-4,
                   "weight_only": 1e-4}
+def int8_tolerance(mode: str, act_bits: int | None = None) -> float:
+    """:data:`INT8_TOLERANCE` for an activation mode and code width: 8-bit dynamic per-tensor codes are the
+    spec's in every candidate that supports them (ONNX's formula; fbgemm's own quantizer is not among them), so
+    they get the exact modes' tolerance, tight enough to reject a kernel computing 7-bit codes instead."""
+    if mode == "dynamic_per_tensor" and act_bits == 8:
+        return INT8_TOLERANCE["static_per_tensor"]
+    return INT8_TOLERANCE[mode]
+
+
 #: Same measure for block-sparse linear, per weight dtype (summation order only).
 BSR_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 #: The most activation bytes ``grouped_gemm`` gathers for one batched GEMM (about an L2/L3 share).
@@ -93,6 +102,9 @@ class ActQuant:
             raise KernelError(f"activation mode {self.mode!r} is not one of {ACT_MODES + ('weight_only',)}")
         if self.bits is None:
             object.__setattr__(self, "bits", default_act_bits(self.mode))
+        if isinstance(self.scale, torch.Tensor) or isinstance(self.zero_point, torch.Tensor):  # read once, now
+            object.__setattr__(self, "scale", None if self.scale is None else float(self.scale))
+            object.__setattr__(self, "zero_point", None if self.zero_point is None else int(self.zero_point))
         if not 2 <= int(self.weight_bits) <= 8:
             raise KernelError(f"weight codes have 2 to 8 bits, got weight_bits={self.weight_bits!r}")
         if self.mode == "static_per_tensor":
@@ -159,6 +171,7 @@ class QuantizedActivation:
 def choose_per_tensor_qparams(x: torch.Tensor, qmax: int = 127) -> tuple[float, int]:
     """torch's ``ChooseQuantizationParams(min, max, 0, qmax)`` (used by dynamic quantized linear)."""
     lo, hi = (float(v) for v in torch.aminmax(x)) if x.numel() else (0.0, 0.0)  # one pass
+    _check_finite_range(lo, hi)
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     scale = (hi - lo) / qmax
     if float(torch.tensor(scale, dtype=torch.float32)) == 0.0 or math.isinf(1.0 / scale):
@@ -182,12 +195,19 @@ def choose_per_tensor_qparams(x: torch.Tensor, qmax: int = 127) -> tuple[float, 
     return float(torch.tensor(scale, dtype=torch.float32)), zero_point
 
 
+def _check_finite_range(lo: float, hi: float) -> None:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise KernelError(f"dynamic activation quantization got an input with range [{lo}, {hi}]: NaN or inf has "
+                          "no int8 code; find where the model produces it (or clamp the input)")
+
+
 def onnx_dynamic_qparams(x: torch.Tensor) -> tuple[float, int]:
     """ONNX ``DynamicQuantizeLinear``'s uint8 (scale, zero point) of ``x``, in fp32 as onnxruntime computes
     them: the range widened to include 0, ``scale = (hi - lo) / 255`` (1 for an all-zero range),
     ``zero_point = round_half_even(clamp(-lo / scale, 0, 255))``."""
     lo, hi = torch.aminmax(x.float()) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
     lo, hi = lo.clamp(max=0.0).cpu(), hi.clamp(min=0.0).cpu()
+    _check_finite_range(float(lo), float(hi))
     scale = (hi - lo) / 255 if bool(hi != lo) else torch.tensor(1.0)
     zero_point = torch.clamp(torch.div(-lo, scale), 0, 255).round()
     return float(scale), int(zero_point)
@@ -231,11 +251,19 @@ def static_codes(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
     return torch.div(x.float(), scale_tensor(act.scale, x.device)).round_().clamp_(-zp, act.code_max - zp)
 
 
-@functools.lru_cache(maxsize=256)
 def scale_tensor(scale: float, device: torch.device) -> torch.Tensor:
-    """``scale`` as an fp32 0-d tensor on ``device``, made once (a tensor from a Python float costs ~4-10 us,
-    ~2% of a small int8 layer's call). Shared: read it, never write into it. Made outside inference mode, so
-    autograd may save it even when the first call ran under ``torch.inference_mode()``."""
+    """``scale`` as an fp32 0-d tensor on ``device``, made once per value and device (a tensor from a Python
+    float costs ~4-10 us, ~2% of a small int8 layer's call); under a dispatch mode (FakeTensorMode, tracing) a
+    fresh one, so no mode's tensor is ever cached. Shared: read it, never write into it."""
+    if torch._C._len_torch_dispatch_stack():
+        return torch.tensor(float(scale), dtype=torch.float32, device=device)
+    return _cached_scale_tensor(float(scale), device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_scale_tensor(scale: float, device: torch.device) -> torch.Tensor:
+    """Made outside inference mode, so autograd may save it even when the first call ran under
+    ``torch.inference_mode()``."""
     with torch.inference_mode(False):
         return torch.tensor(float(scale), dtype=torch.float32, device=device)
 
@@ -374,12 +402,9 @@ def _fbgemm_prepack(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor
 class _FbgemmDynamicRun:
     def __init__(self, w_q, w_scale, bias, act):
         self.packed = _fbgemm_prepack(w_q, w_scale, bias)
-        self.reduce_range = act.bits == 7
 
     def run(self, x2d: torch.Tensor) -> torch.Tensor:
-        # 8 bits: torch's ChooseQuantizationParams(0, 255) and fbgemm's quantizer, within the mode's tolerance
-        # of ONNX's formula (a tie may round the other way)
-        return torch.ops.quantized.linear_dynamic(x2d.float(), self.packed, self.reduce_range)
+        return torch.ops.quantized.linear_dynamic(x2d.float(), self.packed, True)
 
 
 class _FbgemmStaticRun:
@@ -414,7 +439,9 @@ class FbgemmInt8(_Int8Candidate):
     def supports(self, act: ActQuant) -> bool:
         if act.mode == "static_per_tensor":
             return hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
-        return act.mode in self.modes
+        # 8-bit dynamic codes: fbgemm's own qparams widen any scale below 6.1e-5 (torch's ChooseQuantizationParams),
+        # a 10x coarser step than ONNX's formula on inputs with a range under ~0.016
+        return act.mode in self.modes and not (act.mode == "dynamic_per_tensor" and act.bits == 8)
 
     def prepare(self, w_q, w_scale, bias, act) -> PreparedKernel:
         if act.mode == "static_per_tensor":

@@ -405,7 +405,7 @@ def measure_int8(m: int, n: int, k: int, act: ActQuant | None = None,
     names = [c for c in (candidates or _candidates("int8")) if _candidates("int8")[c].supports(act)]
     return _measure("int8", machine_id(), int8_bucket(m, n, k, act, dtype), mm,
                     lambda cand: cand.prepare(w_q, w_scale, bias, act), x_full, x_check, ref,
-                    cpu_kernels.INT8_TOLERANCE[act.mode], names)
+                    cpu_kernels.int8_tolerance(act.mode, act.bits), names)
 
 
 def _probe_conv(x_shape: tuple[int, ...], w_shape: tuple[int, ...], geometry: ConvGeometry, act: ActQuant,
@@ -490,8 +490,9 @@ def select_int8_kernel(m: int, n: int, k: int, act: ActQuant | None = None, *,
     if forced is not None:
         _check_forced_runnable("int8", forced, device)
         if not _candidates("int8")[forced].supports(act):
-            raise KernelError(f"int8 kernel {forced!r} does not implement activation mode {act.mode!r}; "
-                              f"it supports {_candidates('int8')[forced].modes}")
+            raise KernelError(f"int8 kernel {forced!r} does not implement activation mode {act.label!r} "
+                              f"({act.bits}-bit codes); its modes: {_candidates('int8')[forced].modes} (not every "
+                              "code width of each); run without forcing to let the dispatcher pick")
         return forced
     if device.type != "cpu":
         return "triton"

@@ -25,7 +25,8 @@ from slimfx.kernels.cpu_kernels import ACT_MODES, CONV_ACT_MODES, ActQuant
 
 
 def _is_shape_only(x: torch.Tensor) -> bool:
-    if type(x) is torch.Tensor and not torch._is_functional_tensor(x):  # the common case, ~10x cheaper
+    if (type(x) is torch.Tensor and not torch._is_functional_tensor(x)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x)):  # the common case, ~5x cheaper
         return x.is_meta
     return x.device.type == "meta" or is_fake(x)  # is_fake also sees through functionalization wrappers
 
@@ -154,6 +155,7 @@ class Int8Linear(_KernelModule):
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
         self.act_bits = _register_act_qparams(self, "Int8Linear", mode, act_scale, act_zero_point, act_bits)
+        self._dynamic_act_bits = True  # marks act_bits as this format's (see __setstate__)
         if kernel is not None:
             dispatch.forced_kernel("int8", kernel)  # unknown names fail at construction
 
@@ -178,6 +180,13 @@ class Int8Linear(_KernelModule):
     def act_quant(self) -> ActQuant:
         """The activation quantization this module applies (reads the static buffers when present)."""
         return _act_quant(self)
+
+    def __setstate__(self, state: dict) -> None:
+        # pickled before act_bits applied to dynamic_per_tensor: those stored 8 for what were torch.ao's 7-bit codes
+        if state.get("mode") == "dynamic_per_tensor" and "_dynamic_act_bits" not in state:
+            state = dict(state, act_bits=7)
+        state["_dynamic_act_bits"] = True
+        super().__setstate__(state)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The fp32 weight the int8 weight stands for."""

@@ -50,8 +50,8 @@ EXACT_EVERYWHERE = {(name, label) for name in ("dense", "int_mm") for label in A
     ("fbgemm", "static_per_tensor_u7"), ("onednn", "static_per_tensor_u7"),
     ("fbgemm", "static_per_tensor_w7"), ("onednn", "static_per_tensor_w7"),
     ("onnxruntime", "static_per_tensor_u7"), ("onnxruntime", "static_per_tensor_w7"),
-    ("onnxruntime", "dynamic_per_tensor"), ("fbgemm", "dynamic_per_tensor_u8_w7"),
-    ("onednn", "dynamic_per_tensor_u8_w7"), ("onnxruntime", "dynamic_per_tensor_u8_w7")}
+    ("onnxruntime", "dynamic_per_tensor"), ("onednn", "dynamic_per_tensor_u8_w7"),
+    ("onnxruntime", "dynamic_per_tensor_u8_w7")}
 
 
 @settings(max_examples=20)
@@ -68,7 +68,7 @@ def test_int8_candidates_match_spec(m, n, k, mode, with_bias, seed):
         out = cand.prepare(w_q, w_scale, bias, act).run(x)
         err = cpu_kernels.relative_error(out, ref)
         if (name, mode) in EXACT_EVERYWHERE:
-            assert err <= INT8_TOLERANCE[act.mode], (name, mode, err)
+            assert err <= cpu_kernels.int8_tolerance(act.mode, act.bits), (name, mode, err)
 
 
 def test_saturating_candidate_is_rejected_not_chosen():
@@ -230,6 +230,38 @@ def test_8bit_dynamic_codes_are_onnx_dynamic_quantize_linear(m, k, spread, shift
     ours = cpu_kernels.quantize_activation(x, act)
     assert (float(s), int(z)) == (float(ours.row_scale[0]), ours.zero_point)
     assert torch.equal(ours.unsigned(), torch.from_numpy(q))
+
+
+@pytest.mark.parametrize("spread", [2e-4, 1e-2, 3.0])
+def test_8bit_dynamic_candidates_are_exact_on_small_ranges_too(spread):
+    """Every candidate of the 8-bit dynamic mode computes ONNX's codes, also for inputs whose range is under
+    torch's smallest dynamic scale (6.1e-5 x 255): fbgemm, whose own qparams widen it 10x there, is not one."""
+    act = ActQuant("dynamic_per_tensor", bits=8, weight_bits=7)
+    assert not cpu_kernels.INT8_CANDIDATES["fbgemm"].supports(act)
+    x, w_q, w_scale, bias = _int8_problem(8, 24, 64, seed=3, weight_bits=7)
+    x = x * spread
+    ref = cpu_kernels.int8_linear_spec(x, w_q, w_scale, bias, act)
+    for name, cand in cpu_kernels.INT8_CANDIDATES.items():
+        if name != "triton" and cand.is_available() and cand.supports(act):
+            err = cpu_kernels.relative_error(cand.prepare(w_q, w_scale, bias, act).run(x), ref)
+            assert err <= cpu_kernels.int8_tolerance(act.mode, act.bits), (name, spread, err)
+
+
+def test_the_8bit_dynamic_tolerance_rejects_7bit_codes():
+    """A kernel that ignored act.bits (7-bit codes for the 8-bit mode) must fail the dispatcher's probe."""
+    act8, act7 = ActQuant("dynamic_per_tensor", bits=8, weight_bits=7), ActQuant("dynamic_per_tensor", weight_bits=7)
+    w_q, w_scale, bias = dispatch._probe_int8_weights(64, 256, weight_bits=7)
+    x = dispatch._probe_activation(16, 256, w_q[0], act=act8)
+    err = cpu_kernels.relative_error(cpu_kernels.int8_linear_spec(x, w_q, w_scale, bias, act7),
+                                     cpu_kernels.int8_linear_spec(x, w_q, w_scale, bias, act8))
+    assert err > cpu_kernels.int8_tolerance("dynamic_per_tensor", 8)
+
+
+def test_dynamic_quantization_of_nan_or_inf_names_the_problem():
+    for bits in (7, 8):
+        with pytest.raises(KernelError, match="NaN or inf"):
+            act = ActQuant("dynamic_per_tensor", bits=bits)
+            cpu_kernels.quantize_activation(torch.tensor([[1.0, float("nan")]]), act)
 
 
 def test_dynamic_per_tensor_code_widths():

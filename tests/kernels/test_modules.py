@@ -63,6 +63,10 @@ def test_int8_linear_per_tensor_modes_match_spec(mode, kernel, bits):
         if mode == "static_per_tensor" else {"act_bits": bits}
     module = Int8Linear.from_float(linear, mode=mode, kernel=_kernel(kernel), **static)
     x = torch.randn(3, 7, 40)
+    if kernel == "fbgemm" and mode == "dynamic_per_tensor" and bits == 8:  # fbgemm's qparams are not ONNX's
+        with pytest.raises(KernelError, match="does not implement"):
+            module(x)
+        return
     y = module(x)
     spec = cpu_kernels.int8_linear_spec(x.reshape(-1, 40), module.weight_int8, module.weight_scale,
                                         module.bias, module.act_quant()).reshape(3, 7, 24)
@@ -480,3 +484,34 @@ def test_dynamic_per_tensor_act_bits_default_repr_and_change_after_a_run():
     assert torch.equal(y8, spec8.float()) or cpu_kernels.relative_error(y8, spec8) <= 1e-6
     assert not torch.equal(y7, y8)  # twice the resolution
     assert cpu_kernels.relative_error(y8, linear(x).detach()) < cpu_kernels.relative_error(y7, linear(x).detach())
+
+
+def test_dynamic_modules_pickled_before_act_bits_keep_their_7bit_codes():
+    """Before act_bits applied to dynamic_per_tensor, such modules stored act_bits=8 for torch.ao's 7-bit codes:
+    unpickled now they must keep computing 7-bit codes; a module saved now keeps its width either way."""
+    import pickle
+
+    linear = nn.Linear(16, 8)
+    old = Int8Linear.from_float(linear, mode="dynamic_per_tensor", kernel="dense")
+    state = old.__getstate__()
+    del state["_dynamic_act_bits"]
+    state["act_bits"] = 8  # what those versions stored
+    revived = Int8Linear.__new__(Int8Linear)
+    revived.__setstate__(state)
+    assert revived.act_bits == 7
+    for bits in (7, 8):
+        module = Int8Linear.from_float(linear, mode="dynamic_per_tensor", act_bits=bits, kernel="dense")
+        assert pickle.loads(pickle.dumps(module)).act_bits == bits
+
+
+def test_shape_only_sees_fake_tensors_inside_functorch_transforms():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from slimfx.kernels.modules import _is_shape_only
+
+    seen = []
+    with FakeTensorMode():
+        x = torch.randn(3, 4)
+        torch.func.vmap(lambda t: seen.append(_is_shape_only(t)) or t)(x)
+    assert seen == [True]
+    assert not _is_shape_only(torch.randn(2)) and _is_shape_only(torch.randn(2, device="meta"))

@@ -156,3 +156,18 @@ def test_the_shared_scale_tensor_works_with_autograd_after_an_inference_mode_cal
     x = torch.randn(3, 4, requires_grad=True)
     torch.div(x, cpu_kernels.scale_tensor(act.scale, x.device)).sum().backward()
     assert x.grad is not None and cpu_kernels.static_codes(x, act).shape == (3, 4)
+
+
+def test_the_scale_cache_keeps_no_fake_tensor_and_reads_tensor_scales_once():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    act = ActQuant("static_per_tensor", 0.05321, 5)  # a scale no other test uses
+    with FakeTensorMode():
+        cpu_kernels.static_codes(torch.randn(2, 3), act)  # under a mode: not cached
+    assert cpu_kernels.static_codes(torch.full((1, 2), 0.5321), act).tolist() == [[10.0, 10.0]]
+    scale = torch.tensor(0.05)
+    act_t = ActQuant("static_per_tensor", scale, torch.tensor(3))
+    assert type(act_t.scale) is float and type(act_t.zero_point) is int
+    scale.fill_(0.25)  # the ActQuant read it when made; a new one reads the new value
+    x = torch.tensor([[0.5, 1.0]])
+    assert cpu_kernels.static_codes(x, ActQuant("static_per_tensor", scale, 3)).tolist() == [[2.0, 4.0]]

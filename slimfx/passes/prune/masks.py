@@ -58,6 +58,8 @@ def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     the same order as the baked parameter ``apply-masks`` leaves, bit for bit. Under ``inference_mode`` the
     product is made as a normal tensor (an inference tensor's flag does not reach matmul)."""
     masked = weight * mask
+    if torch.compiler.is_compiling():  # dynamo / strict export trace it: no flags or mode queries in the graph
+        return masked
     if weight.requires_grad and not masked.requires_grad:
         if torch.is_inference_mode_enabled():
             with torch.inference_mode(False), torch.no_grad():

@@ -15,8 +15,9 @@ int8 weight and scales. Activation mode:
 * an input without a fake-quant node: linears quantize it at run time per ``activations``
   (``dynamic-per-token``, the default and the GPU kernel's numerics; ``dynamic-per-tensor``, torch.ao's
   dynamic quantization with 7-bit codes, fast on x86 CPUs; ``dynamic-per-tensor-u8``, ONNX's 8-bit
-  ``DynamicQuantizeLinear``, half the step, exact and as fast on AVX2 CPUs with ``weights=int7-per-channel``
-  (onnxruntime's fused kernel)); convs keep it in float (``weight_only``: int8 storage, the
+  ``DynamicQuantizeLinear``, half the step, exact on the int8 kernels of AVX2 CPUs with
+  ``weights=int7-per-channel``: onnxruntime's fused kernel under ``OMP_WAIT_POLICY=PASSIVE``, else oneDNN);
+  convs keep it in float (``weight_only``: int8 storage, the
   simulation's arithmetic); ``activations=keep`` leaves both alone.
 
 fp8 / grouped / asymmetric weights, 1-d/3-d convs, geometry or biases computed by the graph, and
@@ -49,8 +50,8 @@ from slimfx.ir import ops
 from slimfx.ir.layer import Layer
 from slimfx.ir.ops import OpKind, is_pure
 from slimfx.ir.program import Program
-from slimfx.kernels import INT8_TOLERANCE, ConvGeometry, Int8Conv2d, Int8Linear
-from slimfx.kernels.cpu_kernels import default_act_bits
+from slimfx.kernels import ConvGeometry, Int8Conv2d, Int8Linear
+from slimfx.kernels.cpu_kernels import default_act_bits, int8_tolerance
 from slimfx.passes.base import Contract, Pass, PassResult, register_pass
 from slimfx.passes.cleanup.dce import delete_unused_submodules
 from slimfx.passes.quant.fake_quant import FakeQuantize, fake_quant_module
@@ -315,10 +316,13 @@ def _input_error(plan: _Plan, values: dict, d_x: float) -> float:
     if plan.act_fq is None:  # the kernel quantizes what the simulation kept in float (or keeps it too)
         if plan.mode == "weight_only":
             return d_x
-        if plan.mode == "dynamic_per_tensor":  # one whole step: fbgemm rounds ties its own way
+        if plan.mode == "dynamic_per_tensor":  # a whole step: fbgemm rounds 7-bit ties its own way, and an
+            # 8-bit zero point rounded off the range's end may clamp the top code by half a step more
             lo = min(float(x_raw.min()), 0.0) - d_x if x_raw.numel() else 0.0
             hi = max(float(x_raw.max()), 0.0) + d_x if x_raw.numel() else 0.0
-            return d_x + max((hi - lo) / (2**plan.act_bits - 1), _TORCH_SMALL_SCALE)
+            if plan.act_bits == 8:  # ONNX's scale: no floor (fbgemm, whose qparams widen small scales, is not run)
+                return d_x + (hi - lo) / 255
+            return d_x + max((hi - lo) / 127, _TORCH_SMALL_SCALE)
         return d_x + (_max_abs(x_raw) + d_x) / 254
     if d_x == 0.0:
         return 0.0  # the kernel's quantizer is the simulation's, on the same input
@@ -344,7 +348,7 @@ def _lowered_delta(plan: _Plan, values: dict, delta: dict) -> float:
     # the simulation and the kernel each round their own sum (the kernel's inputs are within d_q)
     e_fp = _gamma(w_hat[0].numel() + 4) * (_max_abs(accum) + e_act)
     peak = _max_abs(y_sim) + e_act + e_fp
-    return INT8_TOLERANCE[plan.mode] * peak + e_act + 2 * e_fp
+    return int8_tolerance(plan.mode, plan.act_bits) * peak + e_act + 2 * e_fp
 
 
 def _act_scale(plan: _Plan, values: dict) -> float:

@@ -104,6 +104,16 @@ def test_baking_is_exact_where_matmul_picks_its_algorithm_by_requires_grad(front
         assert torch.equal(baked.module(x), masked.module(x))
 
 
+def test_a_masked_program_compiles_with_fullgraph_under_no_grad():
+    """apply_mask's requires_grad bookkeeping stays out of dynamo's way (it would break the graph)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 16)
+    masked = slimfx.run_pipeline(slimfx.trace(_TransposedInputLinear().eval(), (x,)), "prune-magnitude{sparsity=0.5}")
+    compiled = torch.compile(masked.module, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), masked.module(x), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_masks_survive_later_passes(frontend):
     program, x = traced(frontend)
