@@ -213,6 +213,13 @@ def onnx_dynamic_qparams(x: torch.Tensor) -> tuple[float, int]:
     return float(scale), int(zero_point)
 
 
+def onnx_dynamic_codes(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """ONNX ``DynamicQuantizeLinear`` of ``x``: (uint8 codes, scale, zero point); five passes over ``x``."""
+    scale, zp = onnx_dynamic_qparams(x)
+    codes = torch.div(x.float(), torch.tensor(scale, dtype=torch.float32, device=x.device)).round_()
+    return codes.add_(zp).clamp_(0, 255).to(torch.uint8), scale, zp
+
+
 def quantize_activation(x2d: torch.Tensor, act: ActQuant) -> QuantizedActivation:
     """Quantize a 2-D float activation ``[M, K]`` per ``act`` (the spec every candidate shares)."""
     x = x2d.float()
@@ -222,10 +229,10 @@ def quantize_activation(x2d: torch.Tensor, act: ActQuant) -> QuantizedActivation
         q, scale = reference.quantize_per_token_ref(x)
         return QuantizedActivation(q, offset=128, zero_point=128, row_scale=scale.float())
     if act.mode == "dynamic_per_tensor" and act.bits == 8:
-        scale, zp = onnx_dynamic_qparams(x)
-        q = torch.div(x, torch.tensor(scale, dtype=torch.float32, device=x.device)).round_().add_(zp).clamp_(0, 255)
+        q_u, scale, zp = onnx_dynamic_codes(x)
         row_scale = torch.full((x.shape[0],), scale, dtype=torch.float32, device=x.device)
-        return QuantizedActivation((q - 128).to(torch.int8), offset=128, zero_point=zp, row_scale=row_scale)
+        return QuantizedActivation((q_u.to(torch.int16) - 128).to(torch.int8), offset=128, zero_point=zp,
+                                   row_scale=row_scale)
     if act.mode == "dynamic_per_tensor":
         scale, zp = choose_per_tensor_qparams(x)
         inv = torch.tensor(1.0 / scale, dtype=torch.float32)
@@ -465,6 +472,11 @@ class _OnednnRun:
             q_u = static_codes(x2d, self.act).add_(zp).to(torch.uint8)
             return torch.ops.onednn.qlinear_pointwise(
                 q_u, float(self.act.scale), zp, self.packed, self.w_scale, self.w_zero_point, self.bias, 1.0, 0,
+                torch.float32, "none", [], "")
+        if self.act.mode == "dynamic_per_tensor" and self.act.bits == 8:  # uint8 codes directly, as above
+            q_u, scale, zp = onnx_dynamic_codes(x2d)
+            return torch.ops.onednn.qlinear_pointwise(
+                q_u, scale, zp, self.packed, self.w_scale, self.w_zero_point, self.bias, 1.0, 0,
                 torch.float32, "none", [], "")
         qa = quantize_activation(x2d, self.act)
         per_row = self.act.mode == "dynamic_per_token"
