@@ -24,7 +24,7 @@ them the weight is int8 ``w_q [N, K]`` with a per-output-channel fp32 scale ``w_
   ``s_x = (hi - lo) / 255`` (1 when ``hi == lo``), ``z_x = round_half_even(clamp(-lo / s_x, 0, 255))``,
   ``q_x = clamp(round_half_even(x / s_x) + z_x, 0, 255)``. Twice the resolution; exact on AVX2 CPUs without
   VNNI with weights in [-63, 63] (``weight_bits=7``), where onnxruntime's fused ``DynamicQuantizeMatMul``
-  runs it.
+  runs it (fbgemm does not: its own qparams widen scales below 6.1e-5).
 * ``static_per_tensor``: a calibrated ``s_x`` and ``z_x`` in ``[0, 2**bits - 1]`` (quint8, the torch.ao
   static convention, for ``bits=8``), ``q_x = clamp(round_half_even(x / s_x) + z_x, 0, 2**bits - 1)`` (the
   fake-quant simulation's and ONNX QuantizeLinear's). ``bits=7`` is torch.ao's ``reduce_range``: with codes

@@ -133,7 +133,8 @@ class Int8Linear(_KernelModule):
     * ``"dynamic_per_tensor"``: per-tensor asymmetric codes from the input's range: ``act_bits=7`` (default)
       torch.ao's dynamic quantization (``reduce_range``), what fbgemm runs natively; ``act_bits=8`` ONNX
       ``DynamicQuantizeLinear``'s, onnxruntime's fused dynamic int8, exact on AVX2 CPUs with 7-bit weights;
-      within 2e-2 x max|spec| of :func:`cpu_kernels.int8_linear_spec` (fbgemm rounds ties its own way).
+      within 2e-2 x max|spec| of :func:`cpu_kernels.int8_linear_spec` for 7-bit codes (fbgemm rounds ties its
+      own way), 1e-4 for 8-bit codes (:func:`cpu_kernels.int8_tolerance`).
     * ``"static_per_tensor"``: the calibrated ``act_scale`` / ``act_zero_point``, ``act_bits``-bit unsigned
       codes (8: quint8; 7: torch.ao's reduce_range); the int8 kernels are exact on AVX2 CPUs for 7-bit codes
       or 7-bit weights (the module reports its weights' width to the dispatcher); within 1e-4 x max|spec|,
