@@ -83,8 +83,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
-    from slimfx.kernels.dispatch import main_table
+    from slimfx.kernels.dispatch import cache_path, forget_choices, main_table
 
+    if args.remeasure:
+        print(f"dropped {forget_choices()} cached choices of this machine from {cache_path()}")
     print(main_table())
     return 0
 
@@ -217,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dot", default=None, help="also write the graph as Graphviz DOT to this file")
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("kernels", help="measure and print the CPU kernel dispatcher's choices")
+    p.add_argument("--remeasure", action="store_true",
+                   help="drop this machine's cached choices first and measure again (e.g. after a busy spell)")
     p.set_defaults(func=cmd_kernels)
     p = sub.add_parser("demo", help="the end-to-end demo on scikit-learn's digits (train, distill, prune, int8)")
     p.add_argument("--out", default="slimfx-demo", help="folder for the per-stage weights and report.json")

@@ -173,6 +173,27 @@ def _choice_from_json(entry: dict) -> Choice | None:
         return None
 
 
+def forget_choices() -> int:
+    """Drop this machine's cached choices, on disk and in memory, so the next use measures again (one
+    measurement per bucket is kept forever otherwise: a load burst during it can cache a slower kernel).
+    Returns how many disk entries were dropped; other machines' entries stay."""
+    machine = machine_id()
+    with _lock:
+        entries = _read_cache_file()
+        kept = {k: v for k, v in entries.items() if k.split(" || ")[1:2] != [machine]}
+        path = cache_path()
+        if len(kept) != len(entries):
+            try:
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernels.", suffix=".json")
+                with os.fdopen(fd, "w") as f:
+                    json.dump({"version": CACHE_VERSION, "entries": kept}, f, indent=1, sort_keys=True)
+                os.replace(tmp, path)
+            except OSError as e:
+                raise KernelError(f"could not rewrite the kernel cache {path}: {e}") from e
+    clear_memory_cache()
+    return len(entries) - len(kept)
+
+
 def clear_memory_cache() -> None:
     """Forget the choices made in this process (the disk cache is untouched), modules' memos included."""
     global generation

@@ -505,6 +505,37 @@ def test_choice_table_lists_measured_choices():
     assert text.startswith("CPU: ") and "| int8 | M2 N16 K16 float32 dynamic_per_token |" in text
 
 
+def test_forget_choices_drops_this_machines_entries_and_measures_again(monkeypatch):
+    import json
+
+    act = ActQuant("dynamic_per_tensor")
+    dispatch.select_int8_kernel(2, 16, 16, act)
+    path = dispatch.cache_path()
+    data = json.loads(path.read_text())
+    data["entries"]["int8 || another machine || M2 N16 K16 float32 dynamic_per_tensor"] = \
+        next(iter(data["entries"].values()))
+    path.write_text(json.dumps(data))
+    assert dispatch.forget_choices() == 1
+    left = json.loads(path.read_text())["entries"]
+    assert list(left) == ["int8 || another machine || M2 N16 K16 float32 dynamic_per_tensor"]
+    calls = []
+    real = dispatch.measure_int8
+    monkeypatch.setattr(dispatch, "measure_int8", lambda *a, **k: calls.append(a) or real(*a, **k))
+    dispatch.select_int8_kernel(2, 16, 16, act)
+    assert len(calls) == 1  # measured again, not read back
+
+
+def test_cli_kernels_remeasure(capsys, monkeypatch):
+    from slimfx.frontend.cli import main
+
+    dispatch.select_int8_kernel(2, 16, 16, ActQuant("dynamic_per_tensor"))
+    original = dispatch.main_table
+    monkeypatch.setattr(dispatch, "main_table", lambda shapes=None: original(shapes=[(2, 16, 16)]))
+    assert main(["kernels", "--remeasure"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped 1 cached choices of this machine" in out and "| int8 | M2 N16 K16" in out
+
+
 def test_finalists_are_retimed_alternately_so_a_load_burst_cannot_pick_the_slower_kernel():
     import time as _time
 
