@@ -153,6 +153,19 @@ def ort_int8_linear(linear: nn.Linear, m: int, workdir: Path):
     return sessions, ""
 
 
+def int8_target_rows(rows: list[list]) -> list[list]:
+    """Per shape: the fastest slimfx int8 mode against the fastest peer (torch.ao / onnxruntime), the issue's
+    target being >= 1.0x (ratio = peer ms / slimfx ms), each with its error, from :func:`bench_cpu_int8`'s rows."""
+    out = []
+    for shape in dict.fromkeys(r[0] for r in rows):
+        ours = [r for r in rows if r[0] == shape and r[1].startswith("slimfx")]
+        peers = [r for r in rows if r[0] == shape and r[1] in ("torch.ao dynamic", "onnxruntime int8")]
+        if ours and peers:
+            best, peer = min(ours, key=lambda r: r[2]), min(peers, key=lambda r: r[2])
+            out.append([shape, best[1], best[2], best[4], peer[1], peer[2], peer[4], peer[2] / best[2]])
+    return out
+
+
 def bench_cpu_int8(shapes, budget_s: float) -> str:
     rows = []
     notes = set()
@@ -196,7 +209,10 @@ def bench_cpu_int8(shapes, budget_s: float) -> str:
             print(f"  int8 {m}x{k}x{n} done", file=sys.stderr)
     table = markdown(["M x K x N", "implementation [kernel]", "ms", "speedup vs fp32", "max rel err vs fp32"],
                      rows)
-    return table + "".join(f"\n\n{note}" for note in sorted(notes))
+    target = markdown(["M x K x N", "fastest slimfx", "ms", "its err", "fastest peer", "ms", "its err",
+                       "peer ms / slimfx ms (target >= 1)"], int8_target_rows(rows))
+    return (table + "".join(f"\n\n{note}" for note in sorted(notes))
+            + "\n\nThe target, fastest against fastest:\n\n" + target)
 
 
 def bench_cpu_bsr(shapes, sparsities, blocks, budget_s: float) -> str:
