@@ -455,6 +455,11 @@ def test_forced_triton_interpreter_runs_int8_linear(monkeypatch):
     spec = cpu_kernels.int8_linear_spec(x, static.weight_int8, static.weight_scale, static.bias,
                                         static.act_quant())
     assert cpu_kernels.relative_error(static(x), spec) <= 1e-4
+    for bits in (7, 8):  # both dynamic per-tensor formulas, through the GEMM with the zero-point correction
+        dynamic = Int8Linear.from_float(nn.Linear(24, 16), mode="dynamic_per_tensor", act_bits=bits)
+        spec = cpu_kernels.int8_linear_spec(x, dynamic.weight_int8, dynamic.weight_scale, dynamic.bias,
+                                            dynamic.act_quant())
+        assert cpu_kernels.relative_error(dynamic(x), spec) <= 1e-4 and dynamic.last_kernel == "triton"
 
 
 @_needs("triton", "slimfx.kernels.triton_bsr")
