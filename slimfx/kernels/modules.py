@@ -63,8 +63,15 @@ def _version_token(*tensors: torch.Tensor | None) -> tuple:
     """Identity, address and version of each tensor: changes when a tensor is replaced (``load_state_dict``
     with ``assign=True`` included: the token keeps the old tensors, so a new one cannot reuse their id) or
     written in place through autograd-visible ops (writes through ``.data`` are not seen)."""
-    return tuple((None if t is None else (id(t), t.data_ptr(), t._version, t.device)) for t in tensors) + (
-        _KeepAlive(tensors),)
+    return tuple([None if t is None else (id(t), t.data_ptr(), t._version, t.device) for t in tensors]
+                 + [_KeepAlive(tensors)])
+
+
+def _buffer_token(module: nn.Module, *names: str) -> tuple:
+    """:func:`_version_token` of the module's buffers ``names``, read from ``_buffers`` directly (through
+    ``nn.Module.__getattr__`` each read costs ~1 us, a few percent of a small layer's call)."""
+    buffers = module._buffers
+    return _version_token(*[buffers[name] for name in names])
 
 
 class _KernelModule(nn.Module):
@@ -203,7 +210,7 @@ class Int8Linear(_KernelModule):
         if _is_shape_only(x):
             return x.new_empty(*lead, self.out_features)
         x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        token = _version_token(self.weight_int8, self.weight_scale, self.bias) + _act_values(self)
+        token = _buffer_token(self, "weight_int8", "weight_scale", "bias") + _act_values(self)
 
         def choose() -> tuple[ActQuant, str]:
             act = self.act_quant()
@@ -254,7 +261,8 @@ def _act_values(module: nn.Module) -> tuple:
     kernel by value, so writes the version counter misses (through ``.data``, numpy) still reach the run."""
     if module.mode != "static_per_tensor":
         return (module.mode, module.act_bits)
-    return (float(module.act_scale), int(module.act_zero_point), module.act_bits)
+    buffers = module._buffers
+    return (float(buffers["act_scale"]), int(buffers["act_zero_point"]), module.act_bits)
 
 
 def _act_quant(module: nn.Module) -> ActQuant:
@@ -381,7 +389,7 @@ class Int8Conv2d(_KernelModule):
             out = x4d.new_empty(n, self.out_channels, oh, ow)
             return out if batched else out.squeeze(0)
         channels_last = conv_kernels.memory_format_of(x4d) == torch.channels_last
-        token = _version_token(self.weight_int8, self.weight_scale, self.bias) + _act_values(self)
+        token = _buffer_token(self, "weight_int8", "weight_scale", "bias") + _act_values(self)
 
         def choose() -> tuple[ActQuant, str]:
             act = self.act_quant()
@@ -483,7 +491,7 @@ class BlockSparseLinear(_KernelModule):
         if _is_shape_only(x):
             return x.new_empty(*lead, self.out_features)
         x2d = x.reshape(-1, self.in_features)
-        token = _version_token(self.crow_indices, self.col_indices, self.values, self.bias)
+        token = _buffer_token(self, "crow_indices", "col_indices", "values", "bias")
         name = self._memo_choice(token, (dispatch._round_up_pow2(x2d.shape[0]), x.device),
                                  lambda: dispatch.select_bsr_kernel(
                                      x2d.shape[0], self.out_features, self.in_features, self.block, self.density,
