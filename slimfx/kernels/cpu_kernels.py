@@ -63,6 +63,12 @@ CONV_ACT_MODES = ("static_per_tensor", "weight_only")
 #: fbgemm's rounding of activation ties (at most one 7-bit step on a few elements).
 INT8_TOLERANCE = {"dynamic_per_token": 1e-4, "dynamic_per_tensor": 2e-2, "static_per_tensor": 1e-4,
                   "weight_only": 1e-4}
+#: Same measure for block-sparse linear, per weight dtype (summation order only).
+BSR_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+#: The most activation bytes ``grouped_gemm`` gathers for one batched GEMM (about an L2/L3 share).
+GATHER_BYTES = 2 << 20
+
+
 def int8_tolerance(mode: str, act_bits: int | None = None) -> float:
     """:data:`INT8_TOLERANCE` for an activation mode and code width: 8-bit dynamic per-tensor codes are the
     spec's in every candidate that supports them (ONNX's formula; fbgemm's own quantizer is not among them), so
@@ -70,12 +76,6 @@ def int8_tolerance(mode: str, act_bits: int | None = None) -> float:
     if mode == "dynamic_per_tensor" and act_bits == 8:
         return INT8_TOLERANCE["static_per_tensor"]
     return INT8_TOLERANCE[mode]
-
-
-#: Same measure for block-sparse linear, per weight dtype (summation order only).
-BSR_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-#: The most activation bytes ``grouped_gemm`` gathers for one batched GEMM (about an L2/L3 share).
-GATHER_BYTES = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -465,16 +465,16 @@ class _OnednnRun:
         self.act = act
 
     def run(self, x2d: torch.Tensor) -> torch.Tensor:
+        # per-tensor uint8 codes made directly (not through QuantizedActivation's signed values and back: up to
+        # nine passes over the activation instead of five, ~5% of a 1024x4096x4096 layer)
         if self.act.mode == "static_per_tensor":
-            # the uint8 codes in two more passes over the activation (not through QuantizedActivation's
-            # signed values and back: six passes, ~5% of a 1024x4096x4096 layer)
-            zp = int(self.act.zero_point)
+            zp, scale = int(self.act.zero_point), float(self.act.scale)
             q_u = static_codes(x2d, self.act).add_(zp).to(torch.uint8)
-            return torch.ops.onednn.qlinear_pointwise(
-                q_u, float(self.act.scale), zp, self.packed, self.w_scale, self.w_zero_point, self.bias, 1.0, 0,
-                torch.float32, "none", [], "")
-        if self.act.mode == "dynamic_per_tensor" and self.act.bits == 8:  # uint8 codes directly, as above
+        elif self.act.mode == "dynamic_per_tensor" and self.act.bits == 8:
             q_u, scale, zp = onnx_dynamic_codes(x2d)
+        else:
+            q_u = None
+        if q_u is not None:
             return torch.ops.onednn.qlinear_pointwise(
                 q_u, scale, zp, self.packed, self.w_scale, self.w_zero_point, self.bias, 1.0, 0,
                 torch.float32, "none", [], "")

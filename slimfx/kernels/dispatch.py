@@ -150,16 +150,20 @@ def _read_cache_file() -> dict[str, dict]:
     return entries if isinstance(entries, dict) else {}
 
 
-def _write_cache_entry(key: str, choice: Choice) -> None:
+def _write_cache_file(entries: dict[str, dict]) -> None:
+    """Replace the cache file's entries (atomic: a concurrent reader sees the old or the new file, never half);
+    OSError propagates."""
     path = cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernels.", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"version": CACHE_VERSION, "entries": entries}, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _write_cache_entry(key: str, choice: Choice) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        entries = _read_cache_file()
-        entries[key] = asdict(choice)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernels.", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": CACHE_VERSION, "entries": entries}, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file, never half
+        _write_cache_file({**_read_cache_file(), key: asdict(choice)})
     except OSError:
         pass  # a read-only home must not break inference; the in-memory cache still holds the choice
 
@@ -181,15 +185,11 @@ def forget_choices() -> int:
     with _lock:
         entries = _read_cache_file()
         kept = {k: v for k, v in entries.items() if k.split(" || ")[1:2] != [machine]}
-        path = cache_path()
         if len(kept) != len(entries):
             try:
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernels.", suffix=".json")
-                with os.fdopen(fd, "w") as f:
-                    json.dump({"version": CACHE_VERSION, "entries": kept}, f, indent=1, sort_keys=True)
-                os.replace(tmp, path)
+                _write_cache_file(kept)
             except OSError as e:
-                raise KernelError(f"could not rewrite the kernel cache {path}: {e}") from e
+                raise KernelError(f"could not rewrite the kernel cache {cache_path()}: {e}") from e
     clear_memory_cache()
     return len(entries) - len(kept)
 

@@ -181,7 +181,7 @@ class LowerInt8(Pass):
         if any(p.mode == "dynamic_per_tensor" and p.act_bits == 8 and p.weight_bits == 8 for p in plans):
             notes.append("8-bit dynamic activations with 8-bit weights: on x86 CPUs without VNNI the int8 kernels "
                          "saturate on them and the dispatcher falls back to float; quant-insert{weights="
-                         "int7-per-channel} makes them exact with onnxruntime/fbgemm/oneDNN there")
+                         "int7-per-channel} makes them exact with onnxruntime/oneDNN there")
         return PassResult(stats=stats, notes=notes, bound=bound)
 
     def _plan(self, program: Program, node: fx.Node, notes: list[str]) -> _Plan | None:
@@ -249,7 +249,7 @@ class LowerInt8(Pass):
         kwargs: dict[str, Any] = {}
         if plan.mode == "dynamic_per_tensor":
             kwargs = {"act_bits": plan.act_bits}
-        if plan.mode == "static_per_tensor":
+        elif plan.mode == "static_per_tensor":
             afq: FakeQuantize = program.module.get_submodule(plan.act_fq.target)
             act_scale, act_zero_point = _static_qparams(afq)
             # the simulation's codes run qmin..qmax around its zero point; the kernels' run 0..2**bits - 1
