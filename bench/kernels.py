@@ -51,6 +51,7 @@ DIRECT_INT8 = {
     "dynamic_per_token, 7-bit weights": dict(mode="dynamic_per_token", weight_bits=7),
     "dynamic_per_tensor (7-bit codes)": dict(mode="dynamic_per_tensor"),
     "dynamic_per_tensor 8-bit codes, 7-bit weights": dict(mode="dynamic_per_tensor", act_bits=8, weight_bits=7),
+    "dynamic_per_tensor (7-bit codes), 7-bit weights": dict(mode="dynamic_per_tensor", weight_bits=7),
 }
 
 

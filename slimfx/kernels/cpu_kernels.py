@@ -669,8 +669,78 @@ class TritonInt8(_Int8Candidate):
         return _TritonInt8Run(w_q, w_scale, bias, act)
 
 
+class _Avx2Int8Run:
+    """slimfx's own AVX2 kernel (``avx2_int8.c``): the weight packed once, then per call one pass quantizing the
+    input into 7-bit codes (the spec's fp32 product / division and round half to even) and one GEMM with the
+    epilogue fused, both on torch's OpenMP threads."""
+
+    def __init__(self, w_q, w_scale, bias, act):
+        from slimfx.kernels import native
+
+        self.lib = native.avx2_int8()
+        top = int(w_q.abs().max()) if w_q.numel() else 0
+        if top > 64:  # two pair sums of 127 * 64 products still fit int16; wider weights would wrap
+            raise KernelError(f"the avx2 kernel needs weight codes in [-64, 64] (weight_bits <= 7), got |w| = {top}")
+        self.n, self.k = w_q.shape
+        self.kp = (self.k + 7) // 8 * 8
+        w = w_q.detach().to(torch.int8).contiguous()
+        self.packed = torch.empty(int(self.lib.slimfx_packed_weight_bytes(self.n, self.k)), dtype=torch.int8)
+        self.lib.slimfx_pack_weights(w.data_ptr(), self.n, self.k, self.packed.data_ptr())
+        self.colsum = w.sum(dim=1, dtype=torch.int32).contiguous()
+        self.w_scale = w_scale.detach().float().contiguous()
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.act = act
+
+    def run(self, x2d: torch.Tensor) -> torch.Tensor:
+        x = x2d.detach().float().contiguous()
+        m = x.shape[0]
+        if self.act.mode == "static_per_tensor":
+            a_scale, zp = float(self.act.scale), int(self.act.zero_point)
+            factor, divide = a_scale, 1
+        else:
+            a_scale, zp = choose_per_tensor_qparams(x)
+            factor, divide = 1.0 / a_scale, 0  # ctypes rounds it to fp32, as the spec's torch.tensor does
+        threads = torch.get_num_threads()
+        codes = torch.empty((m, self.kp), dtype=torch.uint8)
+        self.lib.slimfx_quantize_u7(x.data_ptr(), m, self.k, self.k, factor, divide, zp, self.act.code_max,
+                                    codes.data_ptr(), self.kp, threads)
+        out = torch.empty((m, self.n), dtype=torch.float32)
+        self.lib.slimfx_linear_u7s7(codes.data_ptr(), m, self.kp, self.packed.data_ptr(), self.n,
+                                    self.colsum.data_ptr(), zp, a_scale, self.w_scale.data_ptr(),
+                                    None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), self.n,
+                                    threads)
+        return out
+
+
+class Avx2Int8(_Int8Candidate):
+    """slimfx's AVX2 int8 linear for 7-bit activation codes and weights in [-64, 64] (``weight_bits <= 7``), static
+    or dynamic per-tensor: with both operands that narrow, two ``vpmaddubsw`` pair sums add in int16 before one
+    ``vpmaddwd`` widens them, a quarter fewer multiplier instructions than every 8-bit kernel on AVX2 needs
+    (MLAS, fbgemm, oneDNN). Built with the machine's C compiler at first use (:mod:`slimfx.kernels.native`)."""
+
+    name = "avx2"
+    modes = ("static_per_tensor", "dynamic_per_tensor")
+
+    def is_available(self) -> bool:
+        from slimfx.kernels import native
+
+        return native.avx2_int8_unavailable() is None
+
+    def unavailable_reason(self) -> str | None:
+        from slimfx.kernels import native
+
+        return native.avx2_int8_unavailable()
+
+    def supports(self, act: ActQuant) -> bool:
+        return act.mode in self.modes and act.code_max <= 127 and act.weight_bits <= 7
+
+    def prepare(self, w_q, w_scale, bias, act) -> PreparedKernel:
+        return _Avx2Int8Run(w_q, w_scale, bias, act)
+
+
 INT8_CANDIDATES: dict[str, _Int8Candidate] = {
-    c.name: c for c in (DenseInt8(), FbgemmInt8(), OnednnQLinear(), OnnxruntimeInt8(), IntMM(), TritonInt8())
+    c.name: c for c in (DenseInt8(), FbgemmInt8(), OnednnQLinear(), OnnxruntimeInt8(), Avx2Int8(), IntMM(),
+                        TritonInt8())
 }
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from slimfx.errors import KernelError, did_you_mean
-from slimfx.kernels import conv_kernels, cpu_kernels
+from slimfx.kernels import conv_kernels, cpu_kernels, native
 from slimfx.kernels.conv_kernels import ConvGeometry
 from slimfx.kernels.cpu_kernels import ActQuant
 
@@ -101,9 +101,7 @@ def machine_id() -> str:
 
 def cache_path() -> Path:
     """``$SLIMFX_CACHE_DIR/kernels.json``, else ``~/.cache/slimfx/kernels.json``."""
-    root = os.environ.get("SLIMFX_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "slimfx"
-    return base / "kernels.json"
+    return native.cache_dir() / "kernels.json"
 
 
 def _round_up_pow2(m: int) -> int:
@@ -308,7 +306,8 @@ def _measure(family: str, machine: str, bucket: str, m_full: int,
         if name == "triton":
             continue  # on CPU the Triton interpreter is a test mode, never a speed candidate
         if not cand.is_available():
-            rejected[name] = f"{NOT_AVAILABLE} in this torch build / on this CPU"
+            why = getattr(cand, "unavailable_reason", lambda: None)()
+            rejected[name] = f"{NOT_AVAILABLE}: {why}" if why else f"{NOT_AVAILABLE} in this torch build / on this CPU"
             continue
         skip = _skip_reason(cand)
         if skip:

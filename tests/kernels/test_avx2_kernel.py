@@ -1,0 +1,176 @@
+"""slimfx's AVX2 7-bit int8 kernel (``avx2_int8.c``): its codes and outputs against the spec, its build and loader."""
+
+from __future__ import annotations
+
+import platform
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slimfx.errors import KernelError
+from slimfx.kernels import cpu_kernels, dispatch, native
+from slimfx.kernels.cpu_kernels import ActQuant, int8_linear_spec, relative_error
+from slimfx.kernels.modules import Int8Linear
+
+pytestmark = pytest.mark.usefixtures("private_kernel_cache")  # tests/conftest.py
+
+AVX2 = cpu_kernels.INT8_CANDIDATES["avx2"]
+x86_with_compiler = (platform.machine() in ("x86_64", "AMD64") and native.compiler() is not None
+                     and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+needs_kernel = pytest.mark.skipif(not x86_with_compiler, reason="needs an x86-64 AVX2 CPU and a C compiler")
+ACTS = {"dynamic": ActQuant("dynamic_per_tensor", weight_bits=7),
+        "static": ActQuant("static_per_tensor", 0.05, 61, bits=7, weight_bits=7),
+        "static_narrow": ActQuant("static_per_tensor", 0.2, 3, bits=4, weight_bits=6)}
+
+
+def _problem(m, n, k, seed, top=63):
+    g = torch.Generator().manual_seed(seed)
+    w_q = torch.randint(-top, top + 1, (n, k), generator=g, dtype=torch.int8)
+    w_scale = torch.rand(n, generator=g) * 0.05 + 1e-3
+    return torch.randn(m, k, generator=g) * 3, w_q, w_scale, torch.randn(n, generator=g)
+
+
+@needs_kernel
+def test_kernel_builds_and_is_a_candidate_on_this_machine():
+    """CI runs on x86-64 with gcc: the kernel must build there, not silently drop out of the dispatcher."""
+    assert native.avx2_int8_unavailable() is None
+    assert AVX2.is_available()
+    assert AVX2.supports(ACTS["dynamic"]) and AVX2.supports(ACTS["static"])
+    assert not AVX2.supports(ActQuant("dynamic_per_tensor"))  # 8-bit weights would wrap the int16 sums
+    assert not AVX2.supports(ActQuant("static_per_tensor", 0.05, 61, weight_bits=7))  # 8-bit codes
+    assert not AVX2.supports(ActQuant("dynamic_per_token", weight_bits=7))
+
+
+@needs_kernel
+@settings(max_examples=30)
+@given(m=st.integers(1, 300), n=st.integers(1, 300), k=st.integers(1, 300), act=st.sampled_from(sorted(ACTS)),
+       with_bias=st.booleans(), transposed=st.booleans(), seed=st.integers(0, 2**16))
+def test_outputs_match_the_spec(m, n, k, act, with_bias, transposed, seed):
+    act = ACTS[act]
+    x, w_q, w_scale, bias = _problem(m, n, k, seed, top=2 ** (act.weight_bits - 1) - 1)
+    if transposed:  # a strided (non-contiguous) input
+        x = x.t().contiguous().t()
+    bias = bias if with_bias else None
+    out = AVX2.prepare(w_q, w_scale, bias, act).run(x)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    assert relative_error(out, int8_linear_spec(x, w_q, w_scale, bias, act)) <= 1e-5
+
+
+@needs_kernel
+@pytest.mark.parametrize("act", sorted(ACTS)[:2])
+def test_worst_case_sums_several_k_blocks_and_thread_counts(act):
+    """All-top codes times weights of +-64 (the largest |pair sum| pairs: 2 * 2 * 127 * 64 < 2**15), K over three
+    cache blocks with a ragged end, rows and columns off the tile sizes; any thread count, the same bits."""
+    act = ACTS[act]
+    m, n, k = 70, 37, 2100
+    x, w_q, w_scale, bias = _problem(m, n, k, 1)
+    x[0] = x.abs().max()  # code 127 along the whole row (dynamic) / clamped to the top (static)
+    w_q[0] = 64
+    w_q[1] = -64
+    run = AVX2.prepare(w_q, w_scale, bias, act)
+    ref = int8_linear_spec(x, w_q, w_scale, bias, act)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(run.run(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert relative_error(outs[0], ref) <= 1e-6
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@needs_kernel
+@settings(max_examples=40)
+@given(m=st.integers(1, 9), k=st.integers(1, 70), spread=st.floats(1e-3, 1e3), shift=st.floats(-3, 3),
+       static=st.booleans(), ties=st.booleans(), seed=st.integers(0, 2**16))
+def test_codes_are_the_specs_bit_for_bit(m, k, spread, shift, static, ties, seed):
+    """The C quantizer (vector body and scalar tail) against the spec's codes, near-ties included."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(m, k, generator=g) - 0.5 + shift) * spread
+    if static:
+        act = ActQuant("static_per_tensor", max(spread / 100, 1e-3), 40, bits=7, weight_bits=7)
+        scale, zp, factor, divide = act.scale, act.zero_point, act.scale, 1
+    else:
+        act = ACTS["dynamic"]
+        scale, zp = cpu_kernels.choose_per_tensor_qparams(x)
+        factor, divide = 1.0 / scale, 0
+    if ties:  # exact halves of the step: round half to even decides them
+        x = (torch.randint(-300, 300, (m, k), generator=g).float() + 0.5) * torch.tensor(scale, dtype=torch.float32)
+        if not static:
+            scale, zp = cpu_kernels.choose_per_tensor_qparams(x)
+            factor = 1.0 / scale
+    qa = cpu_kernels.quantize_activation(x, act)
+    want = (qa.values.int() + qa.offset).to(torch.uint8)
+    kp = (k + 7) // 8 * 8
+    codes = torch.full((m, kp), 255, dtype=torch.uint8)
+    native.avx2_int8().slimfx_quantize_u7(x.data_ptr(), m, k, k, factor, divide, zp, act.code_max,
+                                          codes.data_ptr(), kp, 2)
+    assert torch.equal(codes[:, :k], want)
+    assert int(codes[:, k:].int().sum()) == 0  # the padding multiplies zero weights
+
+
+@needs_kernel
+def test_nan_codes_are_zero_not_garbage():
+    x = torch.tensor([[float("nan")] * 20 + [1.0] * 3])
+    codes = torch.full((1, 24), 7, dtype=torch.uint8)
+    native.avx2_int8().slimfx_quantize_u7(x.data_ptr(), 1, 23, 23, 0.5, 1, 10, 127, codes.data_ptr(), 24, 1)
+    assert codes[0, :20].tolist() == [0] * 20 and codes[0, 20:23].tolist() == [12] * 3
+
+
+@needs_kernel
+def test_weights_wider_than_7_bits_are_refused():
+    x, w_q, w_scale, bias = _problem(4, 8, 16, 0, top=127)
+    w_q[0, 0] = 100
+    with pytest.raises(KernelError, match=r"\[-64, 64\]"):
+        AVX2.prepare(w_q, w_scale, bias, ACTS["dynamic"])
+
+
+@needs_kernel
+def test_dispatcher_weighs_it_and_modules_use_it_when_forced():
+    choice = dispatch.measure_int8(64, 48, 96, ACTS["dynamic"])
+    assert "avx2" in choice.times_ms, choice.rejected
+    lin = torch.nn.Linear(96, 48)
+    module = Int8Linear.from_float(lin, mode="dynamic_per_tensor", weight_bits=7, kernel="avx2")
+    x = torch.randn(5, 3, 96)
+    y = module(x)
+    assert module.last_kernel == "avx2" and y.shape == (5, 3, 48)
+    ref = Int8Linear.from_float(lin, mode="dynamic_per_tensor", weight_bits=7, kernel="dense")(x)
+    assert relative_error(y, ref) <= 1e-5
+
+
+@needs_kernel
+def test_its_threads_are_torchs_openmp_pool():
+    """The library links the libgomp torch loaded: one OpenMP runtime in the process, not two pools."""
+    native.avx2_int8()
+    maps = Path("/proc/self/maps").read_text()
+    gomps = {line.split()[-1] for line in maps.splitlines() if re.search(r"libgomp[^/]*\.so", line)}
+    assert len(gomps) == 1, gomps
+
+
+def test_switched_off_or_without_a_compiler_it_says_why(monkeypatch, tmp_path):
+    assert "SLIMFX_NATIVE=0" in native._load_avx2_int8.__wrapped__("0")
+    monkeypatch.setenv("SLIMFX_NATIVE", "0")
+    assert "turned off" in native.avx2_int8_unavailable()
+    assert not AVX2.is_available() and "turned off" in AVX2.unavailable_reason()
+    choice = dispatch.measure_int8(16, 16, 32, ACTS["dynamic"])
+    assert choice.rejected["avx2"].startswith(dispatch.NOT_AVAILABLE) and "SLIMFX_NATIVE" in choice.rejected["avx2"]
+    monkeypatch.setattr(native, "compiler", lambda: None)
+    why = native._load_avx2_int8.__wrapped__("1")
+    assert isinstance(why, str) and ("install gcc" in why or "AVX2" in why or "x86-64" in why)
+
+
+@needs_kernel
+def test_a_failing_build_is_reported_with_the_compilers_message(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setenv("SLIMFX_CACHE_DIR", str(tmp_path / "cache"))
+    why = native._load_avx2_int8.__wrapped__("1")
+    assert isinstance(why, str) and why.startswith("building the AVX2 int8 kernel with")
+    assert not list((tmp_path / "cache" / "native").glob("*.so"))  # no half-written library left behind
