@@ -21,9 +21,15 @@
 
 #define MR 4          /* rows per micro-tile */
 #define NR 16         /* columns per panel (two ymm of int32) */
+#ifndef KC
 #define KC 1024       /* k per cache block (multiple of 8): a 4 x KC activation block stays in L1 */
+#endif
+#ifndef MC
 #define MC 64         /* rows per thread tile */
+#endif
+#ifndef NCP_MAX
 #define NCP_MAX 16    /* panels per thread tile: 256 columns x KC bytes of weights stay in L2 */
+#endif
 
 int slimfx_abi_version(void) { return 1; }
 
@@ -98,19 +104,18 @@ static inline void micro_tile(const uint8_t *a, int64_t lda, int rows, const int
   const uint8_t *a0 = a, *a1 = rows > 1 ? a + lda : a, *a2 = rows > 2 ? a + 2 * lda : a,
                 *a3 = rows > 3 ? a + 3 * lda : a;
   for (int64_t k = 0; k < kc; k += 8) {
-    const __m256i b0l = _mm256_loadu_si256((const __m256i *)b), b0h = _mm256_loadu_si256((const __m256i *)(b + 32)),
-                  b1l = _mm256_loadu_si256((const __m256i *)(b + 64)),
-                  b1h = _mm256_loadu_si256((const __m256i *)(b + 96));
-    b += 128;
+    /* the weights as memory operands of vpmaddubsw (re-read from L1 per row) free four registers: the eight
+     * accumulators then never spill (measured 2-3% faster than holding the weights in registers) */
+#define B_AT(off) _mm256_loadu_si256((const __m256i *)(b + (off)))
 #define SLIMFX_ROW(ap, cl, ch)                                                                       \
   {                                                                                                 \
     int32_t w0, w1;                                                                                 \
     memcpy(&w0, ap + k, 4);                                                                         \
     memcpy(&w1, ap + k + 4, 4);                                                                     \
     const __m256i x0 = _mm256_set1_epi32(w0), x1 = _mm256_set1_epi32(w1);                           \
-    __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(x0, b0l), _mm256_maddubs_epi16(x1, b1l));     \
+    __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(x0, B_AT(0)), _mm256_maddubs_epi16(x1, B_AT(64))); \
     cl = _mm256_add_epi32(cl, _mm256_madd_epi16(t, ones));                                          \
-    t = _mm256_add_epi16(_mm256_maddubs_epi16(x0, b0h), _mm256_maddubs_epi16(x1, b1h));             \
+    t = _mm256_add_epi16(_mm256_maddubs_epi16(x0, B_AT(32)), _mm256_maddubs_epi16(x1, B_AT(96)));   \
     ch = _mm256_add_epi32(ch, _mm256_madd_epi16(t, ones));                                          \
   }
     SLIMFX_ROW(a0, c00, c01)
@@ -118,6 +123,8 @@ static inline void micro_tile(const uint8_t *a, int64_t lda, int rows, const int
     SLIMFX_ROW(a2, c20, c21)
     SLIMFX_ROW(a3, c30, c31)
 #undef SLIMFX_ROW
+#undef B_AT
+    b += 128;
   }
   __m256i cs[2 * MR] = {c00, c01, c10, c11, c20, c21, c30, c31};
   if (!first)

@@ -49,6 +49,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -174,7 +175,7 @@ def choose_per_tensor_qparams(x: torch.Tensor, qmax: int = 127) -> tuple[float, 
     _check_finite_range(lo, hi)
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     scale = (hi - lo) / qmax
-    if float(torch.tensor(scale, dtype=torch.float32)) == 0.0 or math.isinf(1.0 / scale):
+    if _fp32(scale) == 0.0 or math.isinf(1.0 / scale):
         scale = 0.1
     small = 6.1e-5  # torch's SMALL_SCALE_THRESHOLD: tiny ranges are widened, keeping their sign pattern
     if scale < small:
@@ -192,7 +193,12 @@ def choose_per_tensor_qparams(x: torch.Tensor, qmax: int = 127) -> tuple[float, 
     err_max = qmax - abs(hi / scale)
     initial = from_min if err_min < err_max else from_max
     zero_point = 0 if initial < 0 else (qmax if initial > qmax else int(round(initial)))
-    return float(torch.tensor(scale, dtype=torch.float32)), zero_point
+    return _fp32(scale), zero_point
+
+
+def _fp32(value: float) -> float:
+    """``value`` rounded to fp32 (as ``float(torch.tensor(value))``, in ~0.2 us instead of ~5)."""
+    return float(np.float32(value))
 
 
 def _check_finite_range(lo: float, hi: float) -> None:
@@ -517,7 +523,6 @@ class _OnnxruntimeRun:
     weight."""
 
     def __init__(self, w_q, w_scale, bias, act):
-        import numpy as np
         import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
 
@@ -550,7 +555,6 @@ class _OnnxruntimeRun:
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def _quantize_then_matmul(self, act, consts: dict, graph_inputs: list, has_bias: bool) -> list:
-        import numpy as np
         from onnx import TensorProto, helper
 
         if self.torch_qparams:
@@ -572,7 +576,6 @@ class _OnnxruntimeRun:
         return nodes
 
     def run(self, x2d: torch.Tensor) -> torch.Tensor:
-        import numpy as np
 
         x = x2d.detach().float().contiguous()
         feed = {"x": x.numpy()}

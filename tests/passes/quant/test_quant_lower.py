@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import slimfx
@@ -14,7 +14,7 @@ import slimfx.passes.quant.insert  # noqa: F401  (registers the passes)
 import slimfx.passes.quant.lower  # noqa: F401
 from slimfx.ir.layer import Layer
 from slimfx.ir.ops import OpKind
-from slimfx.kernels import Int8Conv2d, Int8Linear
+from slimfx.kernels import Int8Conv2d, Int8Linear, cpu_kernels
 from slimfx.passes.quant.calibrate import set_calibration_data
 from slimfx.passes.quant.spec import fake_quantize, parse_spec
 from slimfx.testing import check_contract
@@ -28,6 +28,9 @@ PIPELINES = [
     "quant-insert{activations=none},lower-int8",
     "quant-insert{activations=none},lower-int8{activations=dynamic-per-tensor}",
     "quant-insert{weights=int7-per-channel,activations=none},lower-int8{activations=dynamic-per-tensor-u8}",
+    # 7-bit codes x 7-bit weights: what slimfx's own AVX2 kernel runs
+    "quant-insert{weights=int7-per-channel,activations=int7-per-tensor},calibrate{progress=false},lower-int8",
+    "quant-insert{weights=int7-per-channel,activations=none},lower-int8{activations=dynamic-per-tensor}",
 ]
 CNN_PIPELINES = [
     "quant-insert,calibrate{progress=false},lower-int8",
@@ -81,15 +84,20 @@ def test_lowered_random_cnns_stay_within_the_stated_bound(pipeline, pair):
 
 @settings(max_examples=40, deadline=None)
 @given(data=st.data(), lead=st.lists(st.integers(1, 4), max_size=2), k=st.integers(1, 64), n=st.integers(1, 33),
-       bias=st.booleans(), kernel=st.sampled_from(["dense", "fbgemm", "onednn", "int_mm", "auto"]),
-       schemes=st.sampled_from([("int7-per-tensor", "int8-per-channel"), ("int8-per-tensor", "int7-per-channel")]),
+       bias=st.booleans(), kernel=st.sampled_from(["dense", "fbgemm", "onednn", "int_mm", "avx2", "auto"]),
+       schemes=st.sampled_from([("int7-per-tensor", "int8-per-channel"), ("int8-per-tensor", "int7-per-channel"),
+                                ("int7-per-tensor", "int7-per-channel")]),
        scale=st.floats(1e-3, 10.0), seed=st.integers(0, 2**16))
 def test_int8_linear_on_unsaturated_schemes_equals_the_fake_quant_simulation(data, lead, k, n, bias, kernel,
                                                                              schemes, scale, seed):
     """7-bit activation codes with 8-bit weights, or 8-bit codes with 7-bit weights: the schemes whose int16
     pair sums cannot saturate on AVX2. Integer accumulation exact, epilogue within a few fp32 ulps: for
     K <= 64 the tolerance is under a quarter of one activation step times any nonzero weight, so a single
-    wrongly quantized or saturated code fails the test (fbgemm quantizes the fp32 input itself)."""
+    wrongly quantized or saturated code fails the test (fbgemm quantizes the fp32 input itself). 7-bit codes
+    with 7-bit weights are also what slimfx's ``avx2`` kernel runs."""
+    if kernel == "avx2":
+        assume(schemes == ("int7-per-tensor", "int7-per-channel")
+               and cpu_kernels.INT8_CANDIDATES["avx2"].is_available())
     g = torch.Generator().manual_seed(seed)
     a_spec, w_spec = parse_spec(schemes[0], "activation"), parse_spec(schemes[1], "weight")
     zero_point = data.draw(st.integers(a_spec.qmin, a_spec.qmax), label="zero_point")
