@@ -31,7 +31,7 @@
 #define NCP_MAX 16    /* panels per thread tile: 256 columns x KC bytes of weights stay in L2 */
 #endif
 
-int slimfx_abi_version(void) { return 1; }
+int slimfx_abi_version(void) { return 2; }
 
 static int64_t panels_of(int64_t n) { return (n + NR - 1) / NR; }
 static int64_t kpad_of(int64_t k) { return (k + 7) / 8 * 8; }
@@ -51,10 +51,10 @@ void slimfx_pack_weights(const int8_t *w, int64_t n, int64_t k, int8_t *out) {
 }
 
 /* codes[i, j] = clamp(round_half_even(x[i, j] (/ or *) s) + zp, 0, qmax) for j < k, 0 for k <= j < kp. A NaN
- * input gets code 0. */
-void slimfx_quantize_u7(const float *x, int64_t m, int64_t k, int64_t ldx, float s, int divide, int zp, int qmax,
-                        uint8_t *codes, int64_t kp, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (m * k >= 65536)
+ * input gets code 0. Rows are shared among the threads of the enclosing parallel region (orphaned omp for). */
+static void quantize_rows(const float *x, int64_t m, int64_t k, int64_t ldx, float s, int divide, int zp, int qmax,
+                          uint8_t *codes, int64_t kp) {
+#pragma omp for schedule(static)
   for (int64_t i = 0; i < m; i++) {
     const float *xr = x + i * ldx;
     uint8_t *o = codes + i * kp;
@@ -81,6 +81,39 @@ void slimfx_quantize_u7(const float *x, int64_t m, int64_t k, int64_t ldx, float
     }
     for (; j < kp; j++) o[j] = 0;
   }
+}
+
+void slimfx_quantize_u7(const float *x, int64_t m, int64_t k, int64_t ldx, float s, int divide, int zp, int qmax,
+                        uint8_t *codes, int64_t kp, int nthreads) {
+#pragma omp parallel num_threads(nthreads) if (m * k >= 65536)
+  quantize_rows(x, m, k, ldx, s, divide, zp, qmax, codes, kp);
+}
+
+/* torch's ChooseQuantizationParams(min, max, 0, qmax) (fbgemm's dynamic quantization with reduce_range) in the
+ * same double arithmetic as slimfx.kernels.cpu_kernels.choose_per_tensor_qparams, the spec: bit for bit. */
+void slimfx_choose_qparams(double lo, double hi, int qmax, float *scale_out, int *zp_out) {
+  lo = lo < 0.0 ? lo : 0.0;
+  hi = hi > 0.0 ? hi : 0.0;
+  double scale = (hi - lo) / qmax;
+  if ((float)scale == 0.0f || isinf(1.0 / scale)) scale = 0.1;
+  const double small = 6.1e-5; /* torch's SMALL_SCALE_THRESHOLD */
+  if (scale < small) {
+    const double amplifier = small / scale;
+    scale = small;
+    if (lo == 0.0)
+      hi = scale * qmax;
+    else if (hi == 0.0)
+      lo = -scale * qmax;
+    else {
+      lo = lo * amplifier;
+      hi = hi * amplifier;
+    }
+  }
+  const double from_min = 0 - lo / scale, from_max = qmax - hi / scale;
+  const double err_min = 0 - fabs(lo / scale), err_max = qmax - fabs(hi / scale);
+  const double initial = err_min < err_max ? from_min : from_max;
+  *zp_out = initial < 0 ? 0 : (initial > qmax ? qmax : (int)nearbyint(initial));
+  *scale_out = (float)scale;
 }
 
 typedef struct {
@@ -165,37 +198,117 @@ static inline void micro_tile(const uint8_t *a, int64_t lda, int rows, const int
   }
 }
 
-/* out[m, n] (row stride ldo) = (codes @ w^T - zp * colsum) * a_scale * w_scale + bias, with codes [m, kp] from
- * slimfx_quantize_u7 and w packed by slimfx_pack_weights. Threads split the output into row x column tiles. */
-void slimfx_linear_u7s7(const uint8_t *codes, int64_t m, int64_t kp, const int8_t *packed, int64_t n,
-                        const int32_t *colsum, int zp, float a_scale, const float *w_scale, const float *bias,
-                        float *out, int64_t ldo, int nthreads) {
-  const epilogue_t ep = {colsum, w_scale, bias, a_scale, zp, out, ldo, n};
-  const int64_t np = panels_of(n), mt = (m + MC - 1) / MC, nkb = (kp + KC - 1) / KC;
-  const int64_t want = 2 * (int64_t)nthreads, per_row = (want + mt - 1) / mt;
-  int64_t ncp = (np + per_row - 1) / per_row;
-  ncp = ncp < 1 ? 1 : (ncp > NCP_MAX ? NCP_MAX : ncp);
-  const int64_t nt = (np + ncp - 1) / ncp, tiles = mt * nt;
-  const int parallel = nthreads > 1 && tiles > 1 && m * n * kp >= (1 << 20);
-#pragma omp parallel num_threads(nthreads) if (parallel)
-  {
-    int32_t *acc = nkb > 1 ? (int32_t *)malloc((size_t)MC * ncp * NR * sizeof(int32_t)) : NULL;
+typedef struct {
+  int64_t np, mt, nt, ncp, nkb, tiles;
+} tiling_t;
+
+static tiling_t tiling_of(int64_t m, int64_t n, int64_t kp, int nthreads) {
+  tiling_t t;
+  t.np = panels_of(n);
+  t.mt = (m + MC - 1) / MC;
+  t.nkb = (kp + KC - 1) / KC;
+  const int64_t want = 2 * (int64_t)nthreads, per_row = (want + t.mt - 1) / t.mt;
+  int64_t ncp = (t.np + per_row - 1) / per_row;
+  t.ncp = ncp < 1 ? 1 : (ncp > NCP_MAX ? NCP_MAX : ncp);
+  t.nt = (t.np + t.ncp - 1) / t.ncp;
+  t.tiles = t.mt * t.nt;
+  return t;
+}
+
+static int worth_threads(int64_t m, int64_t n, int64_t kp, int nthreads) {
+  return nthreads > 1 && m * n * kp >= (1 << 20);
+}
+
+/* The GEMM's row x column tiles, shared among the threads of the enclosing parallel region. */
+static void gemm_tiles(const uint8_t *codes, int64_t m, int64_t kp, const int8_t *packed, const epilogue_t *ep,
+                       tiling_t tl) {
+  int32_t *acc = tl.nkb > 1 ? (int32_t *)malloc((size_t)MC * tl.ncp * NR * sizeof(int32_t)) : NULL;
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-      const int64_t r0 = (t / nt) * MC, r1 = r0 + MC < m ? r0 + MC : m;
-      const int64_t p0 = (t % nt) * ncp, p1 = p0 + ncp < np ? p0 + ncp : np;
-      for (int64_t kb = 0; kb < nkb; kb++) {
-        const int64_t k0 = kb * KC, kc = kp - k0 < KC ? kp - k0 : KC;
-        for (int64_t r = r0; r < r1; r += MR) {
-          const int rows = (int)(r1 - r < MR ? r1 - r : MR);
-          for (int64_t p = p0; p < p1; p++) {
-            int32_t *tile_acc = acc ? acc + ((r - r0) * ncp + (p - p0) * MR) * NR : NULL;
-            micro_tile(codes + r * kp + k0, kp, rows, packed + p * kp * NR + k0 * NR, kc, tile_acc, kb == 0,
-                       kb == nkb - 1, &ep, r, p * NR);
-          }
+  for (int64_t t = 0; t < tl.tiles; t++) {
+    const int64_t r0 = (t / tl.nt) * MC, r1 = r0 + MC < m ? r0 + MC : m;
+    const int64_t p0 = (t % tl.nt) * tl.ncp, p1 = p0 + tl.ncp < tl.np ? p0 + tl.ncp : tl.np;
+    for (int64_t kb = 0; kb < tl.nkb; kb++) {
+      const int64_t k0 = kb * KC, kc = kp - k0 < KC ? kp - k0 : KC;
+      for (int64_t r = r0; r < r1; r += MR) {
+        const int rows = (int)(r1 - r < MR ? r1 - r : MR);
+        for (int64_t p = p0; p < p1; p++) {
+          int32_t *tile_acc = acc ? acc + ((r - r0) * tl.ncp + (p - p0) * MR) * NR : NULL;
+          micro_tile(codes + r * kp + k0, kp, rows, packed + p * kp * NR + k0 * NR, kc, tile_acc, kb == 0,
+                     kb == tl.nkb - 1, ep, r, p * NR);
         }
       }
     }
-    free(acc);
   }
+  free(acc);
+}
+
+/* The whole int8 linear in one parallel region (one wake-up of the OpenMP threads per call): for dynamic
+ * activations (dynamic != 0) the input's range (status 1 and range = {min, max} if it holds NaN or inf), the
+ * qparams (slimfx_choose_qparams, qmax 127, codes by the product with the fp32 reciprocal of the scale), else
+ * the given static scale / zero point (codes by the division); then the codes and the GEMM with its epilogue.
+ * Returns 0, or 1 (non-finite input: nothing written to out). */
+int slimfx_linear_u7s7_fused(const float *x, int64_t m, int64_t k, int64_t ldx, int dynamic, float s, int zp,
+                             int qmax, const int8_t *packed, int64_t n, const int32_t *colsum, const float *w_scale,
+                             const float *bias, float *out, int64_t ldo, int nthreads, float *range) {
+  const int64_t kp = kpad_of(k);
+  uint8_t *codes = (uint8_t *)malloc((size_t)(m * kp > 0 ? m * kp : 1));
+  if (!codes) return 2;
+  float lo = 0.0f, hi = 0.0f;
+  int bad = 0, status = 0;
+  epilogue_t ep = {colsum, w_scale, bias, s, zp, out, ldo, n};
+  const tiling_t tl = tiling_of(m, n, kp, nthreads);
+#pragma omp parallel num_threads(nthreads) if (worth_threads(m, n, kp, nthreads))
+  {
+    if (dynamic) {
+#pragma omp for schedule(static) reduction(min : lo) reduction(max : hi) reduction(| : bad)
+      for (int64_t i = 0; i < m; i++) {
+        const float *xr = x + i * ldx;
+        __m256 vlo = _mm256_setzero_ps(), vhi = vlo, vnan = vlo;
+        int64_t j = 0;
+        for (; j + 8 <= k; j += 8) {
+          const __m256 v = _mm256_loadu_ps(xr + j);
+          vlo = _mm256_min_ps(vlo, v);
+          vhi = _mm256_max_ps(vhi, v);
+          vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        float l[8], h[8];
+        _mm256_storeu_ps(l, vlo);
+        _mm256_storeu_ps(h, vhi);
+        int row_bad = _mm256_movemask_ps(vnan) != 0;
+        for (int c = 0; c < 8; c++) {
+          lo = l[c] < lo ? l[c] : lo;
+          hi = h[c] > hi ? h[c] : hi;
+        }
+        for (; j < k; j++) {
+          row_bad |= xr[j] != xr[j];
+          lo = xr[j] < lo ? xr[j] : lo;
+          hi = xr[j] > hi ? xr[j] : hi;
+        }
+        bad |= row_bad;
+      }
+#pragma omp single
+      {
+        if (bad || isinf(lo) || isinf(hi)) {
+          status = 1;
+          range[0] = bad ? NAN : lo;
+          range[1] = bad ? NAN : hi;
+        } else {
+          float scale;
+          int z;
+          slimfx_choose_qparams((double)lo, (double)hi, qmax, &scale, &z);
+          ep.a_scale = scale;
+          ep.zp = z;
+          range[0] = scale;
+          range[1] = (float)z;
+        }
+      } /* implicit barrier: every thread sees status and the qparams */
+    }
+    if (status == 0) {
+      const float factor = dynamic ? (float)(1.0 / (double)ep.a_scale) : s;
+      quantize_rows(x, m, k, ldx, factor, !dynamic, ep.zp, qmax, codes, kp);
+      gemm_tiles(codes, m, kp, packed, &ep, tl);
+    }
+  }
+  free(codes);
+  return status;
 }

@@ -42,6 +42,7 @@ it. The tolerances in :data:`INT8_TOLERANCE` state how far a candidate may be fr
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -673,9 +674,9 @@ class TritonInt8(_Int8Candidate):
 
 
 class _Avx2Int8Run:
-    """slimfx's own AVX2 kernel (``avx2_int8.c``): the weight packed once, then per call one pass quantizing the
-    input into 7-bit codes (the spec's fp32 product / division and round half to even) and one GEMM with the
-    epilogue fused, both on torch's OpenMP threads."""
+    """slimfx's own AVX2 kernel (``avx2_int8.c``): the weight packed once, then per call one C call and one
+    parallel region on torch's OpenMP threads: the input's range and torch's qparams (dynamic), the 7-bit codes
+    (the spec's fp32 product / division, round half to even), the GEMM with the epilogue fused."""
 
     def __init__(self, w_q, w_scale, bias, act):
         from slimfx.kernels import native
@@ -697,21 +698,22 @@ class _Avx2Int8Run:
     def run(self, x2d: torch.Tensor) -> torch.Tensor:
         x = x2d.detach().float().contiguous()
         m = x.shape[0]
-        if self.act.mode == "static_per_tensor":
-            a_scale, zp = float(self.act.scale), int(self.act.zero_point)
-            factor, divide = a_scale, 1
-        else:
-            a_scale, zp = choose_per_tensor_qparams(x)
-            factor, divide = 1.0 / a_scale, 0  # ctypes rounds it to fp32, as the spec's torch.tensor does
-        threads = torch.get_num_threads()
-        codes = torch.empty((m, self.kp), dtype=torch.uint8)
-        self.lib.slimfx_quantize_u7(x.data_ptr(), m, self.k, self.k, factor, divide, zp, self.act.code_max,
-                                    codes.data_ptr(), self.kp, threads)
         out = torch.empty((m, self.n), dtype=torch.float32)
-        self.lib.slimfx_linear_u7s7(codes.data_ptr(), m, self.kp, self.packed.data_ptr(), self.n,
-                                    self.colsum.data_ptr(), zp, a_scale, self.w_scale.data_ptr(),
-                                    None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), self.n,
-                                    threads)
+        if m == 0:
+            return out
+        dynamic = self.act.mode == "dynamic_per_tensor"
+        scale, zp = (0.0, 0) if dynamic else (float(self.act.scale), int(self.act.zero_point))
+        report = (ctypes.c_float * 2)()  # dynamic: the chosen (scale, zero point), or the range holding NaN/inf
+        status = self.lib.slimfx_linear_u7s7_fused(
+            x.data_ptr(), m, self.k, self.k, int(dynamic), scale, zp, self.act.code_max, self.packed.data_ptr(),
+            self.n, self.colsum.data_ptr(), self.w_scale.data_ptr(),
+            None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), self.n, torch.get_num_threads(),
+            report)
+        if status == 1:
+            _check_finite_range(report[0], report[1])
+        if status:
+            raise KernelError(f"the avx2 int8 kernel failed (status {status}: out of memory for {m} x {self.kp} "
+                              "activation codes)")
         return out
 
 

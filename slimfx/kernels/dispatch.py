@@ -44,6 +44,8 @@ CHECK_ROWS = 16
 #: (``torch._int_mm`` on AVX2 would take seconds per shape).
 SLOW_FACTOR = 8.0
 PILOT_ROWS = 16
+#: Candidates first timed within this factor of the fastest are timed again in turns with it.
+FINALIST_FACTOR = 2.0
 CACHE_VERSION = 1
 
 _memory: dict[str, Choice] = {}
@@ -301,11 +303,13 @@ def _measure(family: str, machine: str, bucket: str, m_full: int,
     rejected: dict[str, str] = {}
     runners: dict[str, object] = {}
     table = _candidates(family)
+    candidates = [name for name in candidates if name != "triton"]  # on CPU a test mode, never a speed candidate
+    # availability first, for all: it may build a native kernel, and the machine stays busy for a while after a
+    # compile (seen: 2x slower runs for ~20 ms), which must not land on one candidate's timing window
+    available = {name: table[name].is_available() for name in candidates}
     for name in candidates:
         cand = table[name]
-        if name == "triton":
-            continue  # on CPU the Triton interpreter is a test mode, never a speed candidate
-        if not cand.is_available():
+        if not available[name]:
             why = getattr(cand, "unavailable_reason", lambda: None)()
             rejected[name] = f"{NOT_AVAILABLE}: {why}" if why else f"{NOT_AVAILABLE} in this torch build / on this CPU"
             continue
@@ -341,15 +345,18 @@ def _measure(family: str, machine: str, bucket: str, m_full: int,
 
 
 def _confirm_finalists(times: dict[str, float], runners: dict[str, object], x_full: torch.Tensor) -> None:
-    """Re-time the two fastest candidates alternately (a, b, a, b, ...) and keep each one's best time.
+    """Re-time the finalists in turns (a, b, c, a, b, c, ...) and keep each one's best time: the two fastest
+    and any other within :data:`FINALIST_FACTOR` of the fastest.
 
     Each candidate was first timed in its own window, so a burst of load from another process could land
-    on one of them only and flip the choice (seen: oneDNN picked at 146 ms over fbgemm's 109 ms); runs that
-    alternate see the same load. Bounded by TIME_BUDGET_S in all.
+    on one of them only and flip the choice (seen: oneDNN picked at 146 ms over fbgemm's 109 ms; the avx2
+    kernel timed at 2.5 ms, third, right after its build, 1.3 ms alone); runs in turns see the same load.
+    Bounded by TIME_BUDGET_S after the first round.
     """
     if len(times) < 2:
         return
-    finalists = sorted(times, key=times.__getitem__)[:2]
+    ranked = sorted(times, key=times.__getitem__)
+    finalists = ranked[:2] + [name for name in ranked[2:] if times[name] <= FINALIST_FACTOR * times[ranked[0]]]
     deadline = time.perf_counter() + TIME_BUDGET_S
     for _ in range(MAX_TIMED_RUNS):
         for name in finalists:

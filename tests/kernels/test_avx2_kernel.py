@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import platform
 import re
 from pathlib import Path
@@ -113,6 +114,38 @@ def test_codes_are_the_specs_bit_for_bit(m, k, spread, shift, static, ties, seed
                                           codes.data_ptr(), kp, 2)
     assert torch.equal(codes[:, :k], want)
     assert int(codes[:, k:].int().sum()) == 0  # the padding multiplies zero weights
+
+
+@needs_kernel
+@settings(max_examples=200)
+@given(lo=st.one_of(st.floats(-1e6, 0.0), st.sampled_from([0.0, -0.0, -1e-30, -6e-5])),
+       hi=st.one_of(st.floats(0.0, 1e6), st.sampled_from([0.0, 1e-30, 3e-6, 7.6e-3])))
+def test_qparams_in_c_are_the_specs_bit_for_bit(lo, hi):
+    """The fused kernel picks the dynamic qparams in C: torch's formula in the spec's double arithmetic,
+    tiny ranges (widened) and one-sided ones included."""
+    lo, hi = (float(torch.tensor(v, dtype=torch.float32)) for v in (lo, hi))  # ranges of fp32 inputs
+    want = cpu_kernels.choose_per_tensor_qparams(torch.tensor([lo, hi]))
+    scale, zp = ctypes.c_float(), ctypes.c_int()
+    native.avx2_int8().slimfx_choose_qparams(lo, hi, 127, ctypes.byref(scale), ctypes.byref(zp))
+    assert (scale.value, zp.value) == want
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_input_raises_and_names_the_problem(bad):
+    x, w_q, w_scale, bias = _problem(9, 8, 37, 0)
+    x[5, 36] = bad  # in the scalar tail of a row
+    with pytest.raises(KernelError, match="NaN or inf"):
+        AVX2.prepare(w_q, w_scale, bias, ACTS["dynamic"]).run(x)
+    x[5, 36], x[2, 3] = 0.0, bad  # in the vector body
+    with pytest.raises(KernelError, match="NaN or inf"):
+        AVX2.prepare(w_q, w_scale, bias, ACTS["dynamic"]).run(x)
+
+
+@needs_kernel
+def test_empty_batch():
+    x, w_q, w_scale, bias = _problem(0, 8, 16, 0)
+    assert AVX2.prepare(w_q, w_scale, bias, ACTS["dynamic"]).run(x).shape == (0, 8)
 
 
 @needs_kernel

@@ -558,4 +558,9 @@ def test_finalists_are_retimed_alternately_so_a_load_burst_cannot_pick_the_slowe
     runners = {"fast": Sleeper(0.005), "slow": Sleeper(0.02), "slower": Sleeper(0.08)}
     _confirm_finalists(times, runners, torch.zeros(1))
     assert min(times, key=times.__getitem__) == "fast" and times["fast"] < 20.0
-    assert times["slower"] == 80.0  # only the two finalists are re-run
+    assert times["slower"] == 80.0  # not a finalist: over FINALIST_FACTOR x the fastest first time
+    # a third candidate within the factor of the fastest is a finalist too (first timed during a burst)
+    times = {"a": 20.0, "b": 22.0, "c": 30.0, "d": 45.0}
+    runners = {"a": Sleeper(0.02), "b": Sleeper(0.022), "c": Sleeper(0.005), "d": Sleeper(0.001)}
+    _confirm_finalists(times, runners, torch.zeros(1))
+    assert min(times, key=times.__getitem__) == "c" and times["d"] == 45.0
