@@ -31,7 +31,7 @@
 #define NCP_MAX 16    /* panels per thread tile: 256 columns x KC bytes of weights stay in L2 */
 #endif
 
-int slimfx_abi_version(void) { return 2; }
+int slimfx_abi_version(void) { return 3; }
 
 static int64_t panels_of(int64_t n) { return (n + NR - 1) / NR; }
 static int64_t kpad_of(int64_t k) { return (k + 7) / 8 * 8; }
@@ -311,4 +311,55 @@ int slimfx_linear_u7s7_fused(const float *x, int64_t m, int64_t k, int64_t ldx, 
   }
   free(codes);
   return status;
+}
+
+/* A 2-d convolution (groups 1) of a channels-last (NHWC) fp32 input with static codes (the division, as above):
+ * the input quantized once into an image of codes (zero padding is the zero point's code), gathered into rows of
+ * kh * kw * c codes in (i, j, channel) order (im2col on bytes, a quarter of the fp32 traffic; 1x1 stride-1
+ * unpadded convs skip it: their codes are the GEMM operand as they are), then the GEMM with its epilogue into out
+ * [n * oh * ow, o], channels-last. The weight is packed from [o, kh, kw, c]. One parallel region. Returns 0, or 2
+ * when out of memory. */
+int slimfx_conv2d_u7s7(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t kh, int64_t kw,
+                       int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t oh, int64_t ow,
+                       float s, int zp, int qmax, const int8_t *packed, int64_t o, const int32_t *colsum,
+                       const float *w_scale, const float *bias, float *out, int nthreads) {
+  const int64_t k = kh * kw * c, kp = kpad_of(k), rows = n * oh * ow;
+  const int direct = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
+  uint8_t *image = direct ? NULL : (uint8_t *)malloc((size_t)(n * h * w * c > 0 ? n * h * w * c : 1));
+  uint8_t *codes = (uint8_t *)malloc((size_t)(rows * kp > 0 ? rows * kp : 1));
+  if (!codes || (!direct && !image)) {
+    free(image);
+    free(codes);
+    return 2;
+  }
+  const epilogue_t ep = {colsum, w_scale, bias, s, zp, out, o, o};
+  const tiling_t tl = tiling_of(rows, o, kp, nthreads);
+#pragma omp parallel num_threads(nthreads) if (worth_threads(rows, o, kp, nthreads))
+  {
+    if (direct) {
+      quantize_rows(x, rows, c, c, s, 1, zp, qmax, codes, kp);
+    } else {
+      quantize_rows(x, n * h * w, c, c, s, 1, zp, qmax, image, c);
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < rows; r++) {
+        const int64_t b = r / (oh * ow), y = (r / ow) % oh, xo = r % ow;
+        uint8_t *dst = codes + r * kp;
+        for (int64_t i = 0; i < kh; i++) {
+          const int64_t iy = y * sh - ph + i * dh;
+          for (int64_t j = 0; j < kw; j++, dst += c) {
+            const int64_t ix = xo * sw - pw + j * dw;
+            if (iy < 0 || iy >= h || ix < 0 || ix >= w)
+              memset(dst, zp, (size_t)c);
+            else
+              memcpy(dst, image + ((b * h + iy) * w + ix) * c, (size_t)c);
+          }
+        }
+        memset(dst, 0, (size_t)(kp - k)); /* the padding multiplies zero weights */
+      }
+    }
+    gemm_tiles(codes, rows, kp, packed, &ep, tl);
+  }
+  free(image);
+  free(codes);
+  return 0;
 }

@@ -16,7 +16,8 @@ simulation's arithmetic), ``dense_channels_last`` (the same in channels-last lay
 and ``onednn`` (``onednn::qconv2d_pointwise``, u8 x s8 with an int32 accumulator and an fp32 output; its
 AVX2 kernel saturates int16 pair sums for 8-bit codes, exact for 7-bit ones). fbgemm's
 ``quantized::conv2d`` (torch.ao's) is not a candidate: it re-quantizes its output to 8 bits, which no
-tolerance of this contract admits.
+tolerance of this contract admits. ``avx2``: slimfx's own 7-bit codes x 7-bit weights kernel (groups 1), an
+im2col of the codes into its GEMM.
 """
 
 from __future__ import annotations
@@ -184,6 +185,70 @@ class OnednnQConv(_ConvCandidate):
         return _OnednnConvRun(w_q, w_scale, bias, geometry, act)
 
 
+class _Avx2ConvRun:
+    """slimfx's AVX2 conv (``avx2_int8.c``): the weight packed once as ``[O, kh * kw * C]``; per call one C call,
+    one parallel region: codes of the channels-last input, im2col on the codes, the 7-bit x 7-bit GEMM."""
+
+    def __init__(self, w_q, w_scale, bias, geometry, act):
+        from slimfx.kernels import native
+
+        self.lib = native.avx2_int8()
+        top = int(w_q.abs().max()) if w_q.numel() else 0
+        if top > 64:
+            raise KernelError(f"the avx2 conv needs weight codes in [-64, 64] (weight_bits <= 7), got |w| = {top}")
+        self.o, _, self.kh, self.kw = w_q.shape
+        w = w_q.detach().to(torch.int8).permute(0, 2, 3, 1).reshape(self.o, -1).contiguous()
+        k = w.shape[1]
+        self.packed = torch.empty(int(self.lib.slimfx_packed_weight_bytes(self.o, k)), dtype=torch.int8)
+        self.lib.slimfx_pack_weights(w.data_ptr(), self.o, k, self.packed.data_ptr())
+        self.colsum = w.sum(dim=1, dtype=torch.int32).contiguous()
+        self.w_scale = w_scale.detach().float().contiguous()
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.geometry, self.act = geometry, act
+
+    def run(self, x: torch.Tensor, memory_format: torch.memory_format | None = None) -> torch.Tensor:
+        layout = memory_format or memory_format_of(x)
+        g = self.geometry
+        xc = x.detach().float().contiguous(memory_format=torch.channels_last)
+        n, c, h, w = xc.shape
+        oh, ow = g.output_size(h, w, self.kh, self.kw)
+        out = torch.empty((n, oh, ow, self.o), dtype=torch.float32)
+        if out.numel():
+            status = self.lib.slimfx_conv2d_u7s7(
+                xc.data_ptr(), n, h, w, c, self.kh, self.kw, *g.stride, *g.padding, *g.dilation, oh, ow,
+                float(self.act.scale), int(self.act.zero_point), self.act.code_max, self.packed.data_ptr(), self.o,
+                self.colsum.data_ptr(), self.w_scale.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
+                out.data_ptr(), torch.get_num_threads())
+            if status:
+                raise KernelError(f"the avx2 int8 conv ran out of memory for {n * oh * ow} rows of im2col codes")
+        return out.permute(0, 3, 1, 2).contiguous(memory_format=layout)
+
+
+class Avx2Conv(_ConvCandidate):
+    """slimfx's AVX2 7-bit x 7-bit kernel (see :class:`slimfx.kernels.cpu_kernels.Avx2Int8`) as a convolution:
+    static activations with at most 7-bit codes, weights in [-64, 64], groups 1."""
+
+    name = "avx2"
+    modes = ("static_per_tensor",)
+
+    def is_available(self) -> bool:
+        from slimfx.kernels import native
+
+        return native.avx2_int8_unavailable() is None
+
+    def unavailable_reason(self) -> str | None:
+        from slimfx.kernels import native
+
+        return native.avx2_int8_unavailable()
+
+    def supports(self, act: ActQuant, geometry: ConvGeometry) -> bool:
+        return (act.mode in self.modes and act.code_max <= 127 and act.weight_bits <= 7
+                and geometry.groups == 1)
+
+    def prepare(self, w_q, w_scale, bias, geometry, act) -> PreparedKernel:
+        return _Avx2ConvRun(w_q, w_scale, bias, geometry, act)
+
+
 CONV_CANDIDATES: dict[str, _ConvCandidate] = {
-    c.name: c for c in (DenseConv(), DenseConvChannelsLast(), OnednnQConv())
+    c.name: c for c in (DenseConv(), DenseConvChannelsLast(), OnednnQConv(), Avx2Conv())
 }

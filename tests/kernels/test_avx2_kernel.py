@@ -13,13 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slimfx.errors import KernelError
-from slimfx.kernels import cpu_kernels, dispatch, native
+from slimfx.kernels import conv_kernels, cpu_kernels, dispatch, native
+from slimfx.kernels.conv_kernels import ConvGeometry
 from slimfx.kernels.cpu_kernels import ActQuant, int8_linear_spec, relative_error
-from slimfx.kernels.modules import Int8Linear
+from slimfx.kernels.modules import Int8Conv2d, Int8Linear
 
 pytestmark = pytest.mark.usefixtures("private_kernel_cache")  # tests/conftest.py
 
 AVX2 = cpu_kernels.INT8_CANDIDATES["avx2"]
+AVX2_CONV = conv_kernels.CONV_CANDIDATES["avx2"]
 x86_with_compiler = (platform.machine() in ("x86_64", "AMD64") and native.compiler() is not None
                      and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
 needs_kernel = pytest.mark.skipif(not x86_with_compiler, reason="needs an x86-64 AVX2 CPU and a C compiler")
@@ -207,3 +209,51 @@ def test_a_failing_build_is_reported_with_the_compilers_message(monkeypatch, tmp
     why = native._load_avx2_int8.__wrapped__("1")
     assert isinstance(why, str) and why.startswith("building the AVX2 int8 kernel with")
     assert not list((tmp_path / "cache" / "native").glob("*.so"))  # no half-written library left behind
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 20), o=st.integers(1, 20), h=st.integers(1, 12), w=st.integers(1, 12),
+       kh=st.sampled_from([1, 2, 3, 5]), kw=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2, (2, 1)]),
+       padding=st.sampled_from([0, 1, 2, (0, 1)]), dilation=st.sampled_from([1, 2]), with_bias=st.booleans(),
+       channels_last=st.booleans(), bits=st.sampled_from([7, 4]), seed=st.integers(0, 2**16))
+def test_conv_matches_the_spec(n, c, o, h, w, kh, kw, stride, padding, dilation, with_bias, channels_last, bits,
+                               seed):
+    """im2col of the codes (padding = the zero point's code) into the GEMM, any geometry, both layouts."""
+    geometry = ConvGeometry.of(stride, padding, dilation, 1)
+    oh, ow = geometry.output_size(h, w, kh, kw)
+    if oh < 1 or ow < 1:
+        return
+    g = torch.Generator().manual_seed(seed)
+    act = ActQuant("static_per_tensor", 0.05, 2 ** bits // 3, bits=bits, weight_bits=7)
+    w_q = torch.randint(-63, 64, (o, c, kh, kw), generator=g, dtype=torch.int8)
+    w_scale = torch.rand(o, generator=g) * 0.05 + 1e-3
+    bias = torch.randn(o, generator=g) if with_bias else None
+    x = torch.randn(n, c, h, w, generator=g) * 2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = AVX2_CONV.prepare(w_q, w_scale, bias, geometry, act).run(x)
+    assert out.shape == (n, o, oh, ow)
+    assert conv_kernels.memory_format_of(out) == conv_kernels.memory_format_of(x) or o == 1 or oh * ow == 1
+    ref = conv_kernels.int8_conv2d_spec(x, w_q, w_scale, bias, geometry, act)
+    assert relative_error(out, ref) <= 1e-5
+
+
+@needs_kernel
+def test_conv_support_and_a_module_forced_onto_it():
+    act = ACTS["static"]
+    assert AVX2_CONV.supports(act, ConvGeometry.of(1, 1, 1, 1))
+    assert not AVX2_CONV.supports(act, ConvGeometry.of(1, 1, 1, 4))  # grouped / depthwise: not a GEMM
+    assert not AVX2_CONV.supports(ActQuant("static_per_tensor", 0.05, 61, bits=8, weight_bits=7),
+                                  ConvGeometry.of(1, 1, 1, 1))
+    assert not AVX2_CONV.supports(ActQuant("weight_only", weight_bits=7), ConvGeometry.of(1, 1, 1, 1))
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+    x = torch.randn(2, 8, 10, 10)
+    forced = Int8Conv2d.from_float(conv, mode="static_per_tensor", act_scale=0.04, act_zero_point=60, act_bits=7,
+                                   weight_bits=7, kernel="avx2")
+    dense = Int8Conv2d.from_float(conv, mode="static_per_tensor", act_scale=0.04, act_zero_point=60, act_bits=7,
+                                  weight_bits=7, kernel="dense")
+    y = forced(x)
+    assert forced.last_kernel == "avx2" and relative_error(y, dense(x)) <= 1e-5
+    choice = dispatch.measure_conv((2, 8, 10, 10), (16, 8, 3, 3), ConvGeometry.of(1, 1, 1, 1), forced.act_quant())
+    assert "avx2" in choice.times_ms, choice.rejected

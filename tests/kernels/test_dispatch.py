@@ -124,7 +124,7 @@ def test_static_probe_reaches_the_top_code_and_7bit_codes_keep_fbgemm():
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(1, 3), c=st.integers(1, 6), o=st.integers(1, 6), size=st.integers(3, 8),
        kernel=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]), padding=st.sampled_from([0, 1]),
-       depthwise=st.booleans(), act_kind=st.sampled_from(["u7", "u8", "u8_w7", "weight_only"]),
+       depthwise=st.booleans(), act_kind=st.sampled_from(["u7", "u8", "u8_w7", "u7_w7", "weight_only"]),
        with_bias=st.booleans(),
        channels_last=st.booleans(), seed=st.integers(0, 2**16))
 def test_conv_candidates_match_spec(n, c, o, size, kernel, stride, padding, depthwise, act_kind, with_bias,
@@ -133,6 +133,7 @@ def test_conv_candidates_match_spec(n, c, o, size, kernel, stride, padding, dept
     o = o * c if depthwise else o
     act = {"u7": ActQuant("static_per_tensor", 0.05, 70, bits=7), "u8": ActQuant("static_per_tensor", 0.03, 128),
            "u8_w7": ActQuant("static_per_tensor", 0.03, 127, weight_bits=7),
+           "u7_w7": ActQuant("static_per_tensor", 0.05, 20, bits=7, weight_bits=7),  # the avx2 kernel's
            "weight_only": ActQuant("weight_only")}[act_kind]
     g = torch.Generator().manual_seed(seed)
     top = 2 ** (act.weight_bits - 1) - 1
