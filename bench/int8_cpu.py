@@ -58,12 +58,12 @@ QUICK_CONV_SHAPES = [(8, 64, 28, 64, 3, 1, 1), (8, 128, 28, 128, 3, 1, 128)]
 # 8-bit weights saturate int16 pair sums in fbgemm / oneDNN / onnxruntime; 7-bit codes or 7-bit weights do not.
 SCHEMES = {("int8-per-channel", "int7-per-tensor", ""): "7-bit static",
            ("int7-per-channel", "int8-per-tensor", ""): "8-bit static, 7-bit weights",
-           ("int8-per-channel", "int8-per-tensor", ""): "8-bit static (default)"}
+           ("int8-per-channel", "int8-per-tensor", ""): "8-bit static (default)",
+           # 7-bit codes x 7-bit weights: slimfx's own AVX2 kernel (a quarter fewer multiplies)
+           ("int7-per-channel", "int7-per-tensor", ""): "7-bit static, 7-bit weights"}
 #: linears also quantize their input at run time: ONNX's 8-bit DynamicQuantizeLinear with 7-bit weights
 LINEAR_SCHEMES = {**SCHEMES, ("int7-per-channel", "none", "{activations=dynamic-per-tensor-u8}"):
                   "8-bit dynamic, 7-bit weights",
-                  # 7-bit codes x 7-bit weights: slimfx's own AVX2 kernel (a quarter fewer multiplies)
-                  ("int7-per-channel", "int7-per-tensor", ""): "7-bit static, 7-bit weights",
                   ("int7-per-channel", "none", "{activations=dynamic-per-tensor}"): "7-bit dynamic, 7-bit weights"}
 
 
@@ -248,7 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="2 linear + 2 conv shapes, short budgets")
     parser.add_argument("--use-cache", action="store_true",
                         help="reuse the dispatcher's disk cache (default: measure afresh in a temp dir)")
+    parser.add_argument("--only", choices=("linear", "conv", "onnx"), help="run only this table")
     args = parser.parse_args(argv)
+    wanted = {args.only} if args.only else {"linear", "conv", "onnx"}
     start = time.perf_counter()
     print(machine_line())
     print(f"threads: torch {torch.get_num_threads()}; quantized engine {torch.backends.quantized.engine} "
@@ -257,16 +259,20 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as cache_dir:
         if not args.use_cache:
             os.environ["SLIMFX_CACHE_DIR"] = cache_dir
-        print("\n## int8 linear (best-of-runs ms; vs X = X ms / ms)\n")
-        print(bench_linear(QUICK_SHAPES if args.quick else SHAPES, budget), flush=True)
-        print("\n## int8 conv2d (best-of-runs ms; vs X = X ms / ms)\n")
-        print(bench_conv(QUICK_CONV_SHAPES if args.quick else CONV_SHAPES, budget), flush=True)
-        print("\n## the dispatcher's choices in this run (every candidate's time, every rejection)\n")
-        print(dispatch.format_choice_table(dispatch.choice_table()), flush=True)
-        width, depth, batch = 1024, 3, 256
-        print(f"\n## ONNX QDQ export under onnxruntime: MLP of {depth} x {width}-wide linears, batch {batch} "
-              "(best-of-runs ms)\n")
-        print(bench_onnx_mlp(width, depth, batch, budget))
+        if "linear" in wanted:
+            print("\n## int8 linear (best-of-runs ms; vs X = X ms / ms)\n")
+            print(bench_linear(QUICK_SHAPES if args.quick else SHAPES, budget), flush=True)
+        if "conv" in wanted:
+            print("\n## int8 conv2d (best-of-runs ms; vs X = X ms / ms)\n")
+            print(bench_conv(QUICK_CONV_SHAPES if args.quick else CONV_SHAPES, budget), flush=True)
+        if wanted & {"linear", "conv"}:
+            print("\n## the dispatcher's choices in this run (every candidate's time, every rejection)\n")
+            print(dispatch.format_choice_table(dispatch.choice_table()), flush=True)
+        if "onnx" in wanted:
+            width, depth, batch = 1024, 3, 256
+            print(f"\n## ONNX QDQ export under onnxruntime: MLP of {depth} x {width}-wide linears, batch {batch} "
+                  "(best-of-runs ms)\n")
+            print(bench_onnx_mlp(width, depth, batch, budget))
     print(f"\n(total {time.perf_counter() - start:.0f} s; load average at end {os.getloadavg()[0]:.2f})")
 
 
