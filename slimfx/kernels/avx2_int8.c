@@ -1,12 +1,16 @@
-/* slimfx's AVX2 int8 linear for 7-bit codes: unsigned activation codes in [0, 127] times signed weight codes in
- * [-63, 63], int32 accumulation, fp32 epilogue.
+/* slimfx's AVX2 int8 linear and conv: unsigned activation codes times signed weight codes, int32 accumulation,
+ * fp32 epilogue.
  *
  * Why a kernel of our own: on AVX2 (no VNNI) every int8 GEMM (MLAS, fbgemm, oneDNN) multiplies with
  * vpmaddubsw (u8 x s8 -> int16 pair sums) and widens each pair sum with vpmaddwd before adding it to int32: two
  * multiplier-port instructions per 32 products, the port that bounds them all. With 7-bit codes on both sides a
  * pair sum is at most 2 * 127 * 63 = 16002, so two of them add in int16 without overflow (32004 < 32767) and
  * one vpmaddwd widens 64 products: three multiplier instructions per 64 products instead of four. Measured on an
- * AVX2 EPYC: 1.25x MLAS's u8 x s8 GEMM (onnxruntime's), which itself is 1.1-1.2x fbgemm's.
+ * AVX2 EPYC: 1.25x MLAS's u8 x s8 GEMM (onnxruntime's), which itself is 1.1-1.2x fbgemm's. That is the "narrow"
+ * path (codes <= 127, |w| <= 64). The "wide" path widens every pair sum (as MLAS does) and is exact whenever one
+ * pair sum fits int16: 8-bit codes with |w| <= 64 (255 * 64 * 2 = 32640) or 7-bit codes with 8-bit weights
+ * (127 * 128 * 2 = 32512); it runs the modes the narrow one cannot (per-token, ONNX's 8-bit dynamic codes) in the
+ * same single parallel region.
  *
  * Layout: activation codes row-major [M, Kp] (Kp = K rounded up to 8; the padding's weights are 0), weights
  * packed once into panels of 16 output columns: per group of 4 k, 64 bytes = [cols 0-7 x 4 k][cols 8-15 x 4 k].
@@ -31,7 +35,7 @@
 #define NCP_MAX 16    /* panels per thread tile: 256 columns x KC bytes of weights stay in L2 */
 #endif
 
-int slimfx_abi_version(void) { return 3; }
+int slimfx_abi_version(void) { return 4; }
 
 static int64_t panels_of(int64_t n) { return (n + NR - 1) / NR; }
 static int64_t kpad_of(int64_t k) { return (k + 7) / 8 * 8; }
@@ -50,15 +54,17 @@ void slimfx_pack_weights(const int8_t *w, int64_t n, int64_t k, int8_t *out) {
   }
 }
 
-/* codes[i, j] = clamp(round_half_even(x[i, j] (/ or *) s) + zp, 0, qmax) for j < k, 0 for k <= j < kp. A NaN
- * input gets code 0. Rows are shared among the threads of the enclosing parallel region (orphaned omp for). */
-static void quantize_rows(const float *x, int64_t m, int64_t k, int64_t ldx, float s, int divide, int zp, int qmax,
-                          uint8_t *codes, int64_t kp) {
+/* codes[i, j] = clamp(round_half_even(x[i, j] (/ or *) s_i) + zp, qmin, qmax) for j < k, 0 for k <= j < kp, with
+ * s_i = row_s[i] when row_s is given, else s. A NaN input gets code qmin. Rows are shared among the threads of
+ * the enclosing parallel region (orphaned omp for). */
+static void quantize_rows(const float *x, int64_t m, int64_t k, int64_t ldx, float s, const float *row_s, int divide,
+                          int zp, int qmin, int qmax, uint8_t *codes, int64_t kp) {
 #pragma omp for schedule(static)
   for (int64_t i = 0; i < m; i++) {
     const float *xr = x + i * ldx;
     uint8_t *o = codes + i * kp;
-    const __m256 sv = _mm256_set1_ps(s), zv = _mm256_set1_ps((float)zp), lo = _mm256_setzero_ps(),
+    if (row_s) s = row_s[i];
+    const __m256 sv = _mm256_set1_ps(s), zv = _mm256_set1_ps((float)zp), lo = _mm256_set1_ps((float)qmin),
                  hi = _mm256_set1_ps((float)qmax);
     int64_t j = 0;
     for (; j + 16 <= k; j += 16) {
@@ -67,7 +73,7 @@ static void quantize_rows(const float *x, int64_t m, int64_t k, int64_t ldx, flo
       b = divide ? _mm256_div_ps(b, sv) : _mm256_mul_ps(b, sv);
       a = _mm256_add_ps(_mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zv);
       b = _mm256_add_ps(_mm256_round_ps(b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zv);
-      a = _mm256_min_ps(_mm256_max_ps(a, lo), hi); /* max(NaN, 0) is 0 */
+      a = _mm256_min_ps(_mm256_max_ps(a, lo), hi); /* max(NaN, qmin) is qmin */
       b = _mm256_min_ps(_mm256_max_ps(b, lo), hi);
       __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b));
       p = _mm256_permute4x64_epi64(p, 0xD8);
@@ -77,7 +83,7 @@ static void quantize_rows(const float *x, int64_t m, int64_t k, int64_t ldx, flo
     for (; j < k; j++) {
       float v = divide ? xr[j] / s : xr[j] * s;
       v = nearbyintf(v) + (float)zp;
-      o[j] = (uint8_t)(!(v >= 0.0f) ? 0.0f : (v > (float)qmax ? (float)qmax : v));
+      o[j] = (uint8_t)(!(v >= (float)qmin) ? (float)qmin : (v > (float)qmax ? (float)qmax : v));
     }
     for (; j < kp; j++) o[j] = 0;
   }
@@ -86,7 +92,7 @@ static void quantize_rows(const float *x, int64_t m, int64_t k, int64_t ldx, flo
 void slimfx_quantize_u7(const float *x, int64_t m, int64_t k, int64_t ldx, float s, int divide, int zp, int qmax,
                         uint8_t *codes, int64_t kp, int nthreads) {
 #pragma omp parallel num_threads(nthreads) if (m * k >= 65536)
-  quantize_rows(x, m, k, ldx, s, divide, zp, qmax, codes, kp);
+  quantize_rows(x, m, k, ldx, s, NULL, divide, zp, 0, qmax, codes, kp);
 }
 
 /* torch's ChooseQuantizationParams(min, max, 0, qmax) (fbgemm's dynamic quantization with reduce_range) in the
@@ -120,6 +126,7 @@ typedef struct {
   const int32_t *colsum; /* sum_k w[n, k], per output column */
   const float *w_scale;
   const float *bias;     /* or NULL */
+  const float *row_scale; /* per-row activation scales, or NULL: a_scale for every row */
   float a_scale;
   int32_t zp;
   float *out;
@@ -128,37 +135,58 @@ typedef struct {
 } epilogue_t;
 
 /* acc[MR x NR] (+)= A[rows x kc] * B-panel; on the last k block, out = (acc - zp * colsum) * a_scale * w_scale +
- * bias for the panel's columns [col0, col0 + 16) that exist. */
+ * bias for the panel's columns [col0, col0 + 16) that exist. narrow: two pair sums added in int16 before widening
+ * (codes <= 127, |w| <= 64), else each widened (one pair sum must fit int16). */
 static inline void micro_tile(const uint8_t *a, int64_t lda, int rows, const int8_t *b, int64_t kc, int32_t *acc,
-                              int first, int last, const epilogue_t *ep, int64_t row0, int64_t col0) {
+                              int first, int last, const epilogue_t *ep, int64_t row0, int64_t col0, int narrow) {
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
           c31 = c00;
   const __m256i ones = _mm256_set1_epi16(1);
   const uint8_t *a0 = a, *a1 = rows > 1 ? a + lda : a, *a2 = rows > 2 ? a + 2 * lda : a,
                 *a3 = rows > 3 ? a + 3 * lda : a;
-  for (int64_t k = 0; k < kc; k += 8) {
-    /* the weights as memory operands of vpmaddubsw (re-read from L1 per row) free four registers: the eight
-     * accumulators then never spill (measured 2-3% faster than holding the weights in registers) */
+  /* the weights as memory operands of vpmaddubsw (re-read from L1 per row) free four registers: the eight
+   * accumulators then never spill (measured 2-3% faster than holding the weights in registers) */
 #define B_AT(off) _mm256_loadu_si256((const __m256i *)(b + (off)))
-#define SLIMFX_ROW(ap, cl, ch)                                                                       \
-  {                                                                                                 \
-    int32_t w0, w1;                                                                                 \
-    memcpy(&w0, ap + k, 4);                                                                         \
-    memcpy(&w1, ap + k + 4, 4);                                                                     \
-    const __m256i x0 = _mm256_set1_epi32(w0), x1 = _mm256_set1_epi32(w1);                           \
+#define SLIMFX_NARROW_ROW(ap, cl, ch)                                                                  \
+  {                                                                                                   \
+    int32_t w0, w1;                                                                                   \
+    memcpy(&w0, ap + k, 4);                                                                           \
+    memcpy(&w1, ap + k + 4, 4);                                                                       \
+    const __m256i x0 = _mm256_set1_epi32(w0), x1 = _mm256_set1_epi32(w1);                             \
     __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(x0, B_AT(0)), _mm256_maddubs_epi16(x1, B_AT(64))); \
-    cl = _mm256_add_epi32(cl, _mm256_madd_epi16(t, ones));                                          \
-    t = _mm256_add_epi16(_mm256_maddubs_epi16(x0, B_AT(32)), _mm256_maddubs_epi16(x1, B_AT(96)));   \
-    ch = _mm256_add_epi32(ch, _mm256_madd_epi16(t, ones));                                          \
+    cl = _mm256_add_epi32(cl, _mm256_madd_epi16(t, ones));                                            \
+    t = _mm256_add_epi16(_mm256_maddubs_epi16(x0, B_AT(32)), _mm256_maddubs_epi16(x1, B_AT(96)));     \
+    ch = _mm256_add_epi32(ch, _mm256_madd_epi16(t, ones));                                            \
   }
-    SLIMFX_ROW(a0, c00, c01)
-    SLIMFX_ROW(a1, c10, c11)
-    SLIMFX_ROW(a2, c20, c21)
-    SLIMFX_ROW(a3, c30, c31)
-#undef SLIMFX_ROW
+#define SLIMFX_WIDE_ROW(ap, cl, ch)                                                                    \
+  {                                                                                                   \
+    int32_t w0, w1;                                                                                   \
+    memcpy(&w0, ap + k, 4);                                                                           \
+    memcpy(&w1, ap + k + 4, 4);                                                                       \
+    const __m256i x0 = _mm256_set1_epi32(w0), x1 = _mm256_set1_epi32(w1);                             \
+    cl = _mm256_add_epi32(cl, _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(x0, B_AT(0)), ones), \
+                                               _mm256_madd_epi16(_mm256_maddubs_epi16(x1, B_AT(64)), ones))); \
+    ch = _mm256_add_epi32(ch, _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(x0, B_AT(32)), ones), \
+                                               _mm256_madd_epi16(_mm256_maddubs_epi16(x1, B_AT(96)), ones))); \
+  }
+  if (narrow) {
+    for (int64_t k = 0; k < kc; k += 8, b += 128) {
+      SLIMFX_NARROW_ROW(a0, c00, c01)
+      SLIMFX_NARROW_ROW(a1, c10, c11)
+      SLIMFX_NARROW_ROW(a2, c20, c21)
+      SLIMFX_NARROW_ROW(a3, c30, c31)
+    }
+  } else {
+    for (int64_t k = 0; k < kc; k += 8, b += 128) {
+      SLIMFX_WIDE_ROW(a0, c00, c01)
+      SLIMFX_WIDE_ROW(a1, c10, c11)
+      SLIMFX_WIDE_ROW(a2, c20, c21)
+      SLIMFX_WIDE_ROW(a3, c30, c31)
+    }
+  }
+#undef SLIMFX_NARROW_ROW
+#undef SLIMFX_WIDE_ROW
 #undef B_AT
-    b += 128;
-  }
   __m256i cs[2 * MR] = {c00, c01, c10, c11, c20, c21, c30, c31};
   if (!first)
     for (int r = 0; r < rows; r++)
@@ -178,16 +206,17 @@ static inline void micro_tile(const uint8_t *a, int64_t lda, int rows, const int
     b_pad[c] = (c < cols && ep->bias) ? ep->bias[col0 + c] : 0.0f;
   }
   const __m256i zpv = _mm256_set1_epi32(ep->zp);
-  const __m256 asv = _mm256_set1_ps(ep->a_scale);
   for (int h = 0; h < 2; h++) {
     const __m256i corr = _mm256_mullo_epi32(zpv, _mm256_loadu_si256((const __m256i *)(cs_pad + 8 * h)));
-    const __m256 scale = _mm256_mul_ps(asv, _mm256_loadu_ps(ws_pad + 8 * h));
+    const __m256 wsv = _mm256_loadu_ps(ws_pad + 8 * h);
+    const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(ep->a_scale), wsv);
     const __m256 bv = _mm256_loadu_ps(b_pad + 8 * h);
     const int64_t left = cols - 8 * h;
     if (left <= 0) break;
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     for (int r = 0; r < rows; r++) {
-      __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(cs[2 * r + h], corr)), scale);
+      const __m256 rs = ep->row_scale ? _mm256_mul_ps(_mm256_set1_ps(ep->row_scale[row0 + r]), wsv) : scale;
+      __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(cs[2 * r + h], corr)), rs);
       if (ep->bias) y = _mm256_add_ps(y, bv);
       float *o = ep->out + (row0 + r) * ep->ldo + col0 + 8 * h;
       if (left >= 8)
@@ -221,7 +250,7 @@ static int worth_threads(int64_t m, int64_t n, int64_t kp, int nthreads) {
 
 /* The GEMM's row x column tiles, shared among the threads of the enclosing parallel region. */
 static void gemm_tiles(const uint8_t *codes, int64_t m, int64_t kp, const int8_t *packed, const epilogue_t *ep,
-                       tiling_t tl) {
+                       tiling_t tl, int narrow) {
   int32_t *acc = tl.nkb > 1 ? (int32_t *)malloc((size_t)MC * tl.ncp * NR * sizeof(int32_t)) : NULL;
 #pragma omp for schedule(static)
   for (int64_t t = 0; t < tl.tiles; t++) {
@@ -234,7 +263,7 @@ static void gemm_tiles(const uint8_t *codes, int64_t m, int64_t kp, const int8_t
         for (int64_t p = p0; p < p1; p++) {
           int32_t *tile_acc = acc ? acc + ((r - r0) * tl.ncp + (p - p0) * MR) * NR : NULL;
           micro_tile(codes + r * kp + k0, kp, rows, packed + p * kp * NR + k0 * NR, kc, tile_acc, kb == 0,
-                     kb == tl.nkb - 1, ep, r, p * NR);
+                     kb == tl.nkb - 1, ep, r, p * NR, narrow);
         }
       }
     }
@@ -242,20 +271,35 @@ static void gemm_tiles(const uint8_t *codes, int64_t m, int64_t kp, const int8_t
   free(acc);
 }
 
-/* The whole int8 linear in one parallel region (one wake-up of the OpenMP threads per call): for dynamic
- * activations (dynamic != 0) the input's range (status 1 and range = {min, max} if it holds NaN or inf), the
- * qparams (slimfx_choose_qparams, qmax 127, codes by the product with the fp32 reciprocal of the scale), else
- * the given static scale / zero point (codes by the division); then the codes and the GEMM with its epilogue.
- * Returns 0, or 1 (non-finite input: nothing written to out). */
-int slimfx_linear_u7s7_fused(const float *x, int64_t m, int64_t k, int64_t ldx, int dynamic, float s, int zp,
-                             int qmax, const int8_t *packed, int64_t n, const int32_t *colsum, const float *w_scale,
-                             const float *bias, float *out, int64_t ldo, int nthreads, float *range) {
+/* Activation modes of slimfx_linear_fused (slimfx.kernels.cpu_kernels spells out each one's numerics). */
+enum { STATIC = 0, DYNAMIC_TORCH = 1, DYNAMIC_ONNX = 2, PER_TOKEN = 3 };
+
+/* The whole int8 linear in one parallel region (one wake-up of the OpenMP threads per call):
+ * - STATIC: the given scale / zero point, codes by the division, clamped to [0, qmax];
+ * - DYNAMIC_TORCH: the input's range, torch's qparams (slimfx_choose_qparams, qmax 127), codes by the product with
+ *   the fp32 reciprocal of the scale;
+ * - DYNAMIC_ONNX: the range, ONNX DynamicQuantizeLinear's fp32 qparams (scale = (hi - lo) / 255, 1 for an empty
+ *   range; zero point = round(clamp(-lo / scale, 0, 255))), codes by the division;
+ * - PER_TOKEN: per row s = max(absmax / 127, 1e-8) (fp32), codes clamp(round(x / s), -127, 127) + 128 (zero point
+ *   128); a row holding NaN / inf gets a non-finite scale and so a non-finite output row, as the spec's;
+ * then the codes and the GEMM with its epilogue. The dynamic per-tensor modes return 1 without writing out when the
+ * input holds NaN or inf (report = its range, NaN for NaN), else report = {scale, zero point}. Returns 0, 1, or 2
+ * when out of memory. */
+int slimfx_linear_fused(const float *x, int64_t m, int64_t k, int64_t ldx, int mode, float s, int zp, int qmax,
+                        int narrow, const int8_t *packed, int64_t n, const int32_t *colsum, const float *w_scale,
+                        const float *bias, float *out, int64_t ldo, int nthreads, float *report) {
   const int64_t kp = kpad_of(k);
+  const int dynamic = mode == DYNAMIC_TORCH || mode == DYNAMIC_ONNX;
   uint8_t *codes = (uint8_t *)malloc((size_t)(m * kp > 0 ? m * kp : 1));
-  if (!codes) return 2;
+  float *row_scale = mode == PER_TOKEN ? (float *)malloc((size_t)(m > 0 ? m : 1) * sizeof(float)) : NULL;
+  if (!codes || (mode == PER_TOKEN && !row_scale)) {
+    free(codes);
+    free(row_scale);
+    return 2;
+  }
   float lo = 0.0f, hi = 0.0f;
   int bad = 0, status = 0;
-  epilogue_t ep = {colsum, w_scale, bias, s, zp, out, ldo, n};
+  epilogue_t ep = {colsum, w_scale, bias, row_scale, s, mode == PER_TOKEN ? 128 : zp, out, ldo, n};
   const tiling_t tl = tiling_of(m, n, kp, nthreads);
 #pragma omp parallel num_threads(nthreads) if (worth_threads(m, n, kp, nthreads))
   {
@@ -290,39 +334,76 @@ int slimfx_linear_u7s7_fused(const float *x, int64_t m, int64_t k, int64_t ldx, 
       {
         if (bad || isinf(lo) || isinf(hi)) {
           status = 1;
-          range[0] = bad ? NAN : lo;
-          range[1] = bad ? NAN : hi;
-        } else {
+          report[0] = bad ? NAN : lo;
+          report[1] = bad ? NAN : hi;
+        } else if (mode == DYNAMIC_TORCH) {
           float scale;
           int z;
           slimfx_choose_qparams((double)lo, (double)hi, qmax, &scale, &z);
           ep.a_scale = scale;
           ep.zp = z;
-          range[0] = scale;
-          range[1] = (float)z;
+        } else { /* lo <= 0 <= hi already */
+          const float scale = hi != lo ? (hi - lo) / 255.0f : 1.0f;
+          float z = -lo / scale;
+          z = z < 0.0f ? 0.0f : (z > 255.0f ? 255.0f : z);
+          ep.a_scale = scale;
+          ep.zp = (int)nearbyintf(z);
+        }
+        if (!status) {
+          report[0] = ep.a_scale;
+          report[1] = (float)ep.zp;
         }
       } /* implicit barrier: every thread sees status and the qparams */
     }
+    if (mode == PER_TOKEN) {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < m; i++) {
+        const float *xr = x + i * ldx;
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 vmax = _mm256_setzero_ps(), vnan = vmax;
+        int64_t j = 0;
+        for (; j + 8 <= k; j += 8) {
+          const __m256 v = _mm256_loadu_ps(xr + j);
+          vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+          vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        float t[8], top = 0.0f;
+        _mm256_storeu_ps(t, vmax);
+        int row_nan = _mm256_movemask_ps(vnan) != 0;
+        for (int c = 0; c < 8; c++) top = t[c] > top ? t[c] : top;
+        for (; j < k; j++) {
+          row_nan |= xr[j] != xr[j];
+          top = fabsf(xr[j]) > top ? fabsf(xr[j]) : top;
+        }
+        const float scale = row_nan ? NAN : top / 127.0f;
+        row_scale[i] = scale < 1e-8f ? 1e-8f : scale; /* NaN stays NaN, like torch's clamp_min */
+      }
+    }
     if (status == 0) {
-      const float factor = dynamic ? (float)(1.0 / (double)ep.a_scale) : s;
-      quantize_rows(x, m, k, ldx, factor, !dynamic, ep.zp, qmax, codes, kp);
-      gemm_tiles(codes, m, kp, packed, &ep, tl);
+      if (mode == PER_TOKEN)
+        quantize_rows(x, m, k, ldx, 0.0f, row_scale, 1, 128, 1, 255, codes, kp);
+      else
+        quantize_rows(x, m, k, ldx, mode == DYNAMIC_TORCH ? (float)(1.0 / (double)ep.a_scale) : ep.a_scale, NULL,
+                      mode != DYNAMIC_TORCH, ep.zp, 0, mode == DYNAMIC_ONNX ? 255 : qmax, codes, kp);
+      gemm_tiles(codes, m, kp, packed, &ep, tl, narrow);
     }
   }
   free(codes);
+  free(row_scale);
   return status;
 }
 
-/* A 2-d convolution (groups 1) of a channels-last (NHWC) fp32 input with static codes (the division, as above):
+/* A 2-d convolution (groups 1) of a channels-last (NHWC) fp32 input with static codes (the division, as above;
+ * narrow / wide as for the linear):
  * the input quantized once into an image of codes (zero padding is the zero point's code), gathered into rows of
  * kh * kw * c codes in (i, j, channel) order (im2col on bytes, a quarter of the fp32 traffic; 1x1 stride-1
  * unpadded convs skip it: their codes are the GEMM operand as they are), then the GEMM with its epilogue into out
  * [n * oh * ow, o], channels-last. The weight is packed from [o, kh, kw, c]. One parallel region. Returns 0, or 2
  * when out of memory. */
-int slimfx_conv2d_u7s7(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t kh, int64_t kw,
-                       int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t oh, int64_t ow,
-                       float s, int zp, int qmax, const int8_t *packed, int64_t o, const int32_t *colsum,
-                       const float *w_scale, const float *bias, float *out, int nthreads) {
+int slimfx_conv2d(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t kh, int64_t kw, int64_t sh,
+                  int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t oh, int64_t ow, float s, int zp,
+                  int qmax, int narrow, const int8_t *packed, int64_t o, const int32_t *colsum, const float *w_scale,
+                  const float *bias, float *out, int nthreads) {
   const int64_t k = kh * kw * c, kp = kpad_of(k), rows = n * oh * ow;
   const int direct = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
   uint8_t *image = direct ? NULL : (uint8_t *)malloc((size_t)(n * h * w * c > 0 ? n * h * w * c : 1));
@@ -332,14 +413,14 @@ int slimfx_conv2d_u7s7(const float *x, int64_t n, int64_t h, int64_t w, int64_t 
     free(codes);
     return 2;
   }
-  const epilogue_t ep = {colsum, w_scale, bias, s, zp, out, o, o};
+  const epilogue_t ep = {colsum, w_scale, bias, NULL, s, zp, out, o, o};
   const tiling_t tl = tiling_of(rows, o, kp, nthreads);
 #pragma omp parallel num_threads(nthreads) if (worth_threads(rows, o, kp, nthreads))
   {
     if (direct) {
-      quantize_rows(x, rows, c, c, s, 1, zp, qmax, codes, kp);
+      quantize_rows(x, rows, c, c, s, NULL, 1, zp, 0, qmax, codes, kp);
     } else {
-      quantize_rows(x, n * h * w, c, c, s, 1, zp, qmax, image, c);
+      quantize_rows(x, n * h * w, c, c, s, NULL, 1, zp, 0, qmax, image, c);
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < rows; r++) {
         const int64_t b = r / (oh * ow), y = (r / ow) % oh, xo = r % ow;
@@ -357,7 +438,7 @@ int slimfx_conv2d_u7s7(const float *x, int64_t n, int64_t h, int64_t w, int64_t 
         memset(dst, 0, (size_t)(kp - k)); /* the padding multiplies zero weights */
       }
     }
-    gemm_tiles(codes, rows, kp, packed, &ep, tl);
+    gemm_tiles(codes, rows, kp, packed, &ep, tl, narrow);
   }
   free(image);
   free(codes);

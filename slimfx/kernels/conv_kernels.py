@@ -16,7 +16,7 @@ simulation's arithmetic), ``dense_channels_last`` (the same in channels-last lay
 and ``onednn`` (``onednn::qconv2d_pointwise``, u8 x s8 with an int32 accumulator and an fp32 output; its
 AVX2 kernel saturates int16 pair sums for 8-bit codes, exact for 7-bit ones). fbgemm's
 ``quantized::conv2d`` (torch.ao's) is not a candidate: it re-quantizes its output to 8 bits, which no
-tolerance of this contract admits. ``avx2``: slimfx's own 7-bit codes x 7-bit weights kernel (groups 1), an
+tolerance of this contract admits. ``avx2``: slimfx's own kernel (groups 1; 7-bit codes or 7-bit weights), an
 im2col of the codes into its GEMM.
 """
 
@@ -28,7 +28,15 @@ import torch
 import torch.nn.functional as F
 
 from slimfx.errors import KernelError
-from slimfx.kernels.cpu_kernels import ActQuant, PreparedKernel, scale_tensor, static_codes
+from slimfx.kernels.cpu_kernels import (
+    ActQuant,
+    PreparedKernel,
+    avx2_exact,
+    avx2_narrow,
+    avx2_weight_limit,
+    scale_tensor,
+    static_codes,
+)
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -193,9 +201,11 @@ class _Avx2ConvRun:
         from slimfx.kernels import native
 
         self.lib = native.avx2_int8()
-        top = int(w_q.abs().max()) if w_q.numel() else 0
-        if top > 64:
-            raise KernelError(f"the avx2 conv needs weight codes in [-64, 64] (weight_bits <= 7), got |w| = {top}")
+        top, limit = (int(w_q.abs().max()) if w_q.numel() else 0), avx2_weight_limit(act)
+        if act.mode != "static_per_tensor" or not avx2_exact(act) or top > limit:
+            raise KernelError(f"the avx2 conv runs static activations with weight codes in [-{limit}, {limit}] for "
+                              f"{act.label}, got {act.mode} with |w| = {top}")
+        self.narrow = int(avx2_narrow(act) and top <= 64)
         self.o, _, self.kh, self.kw = w_q.shape
         w = w_q.detach().to(torch.int8).permute(0, 2, 3, 1).reshape(self.o, -1).contiguous()
         k = w.shape[1]
@@ -214,9 +224,10 @@ class _Avx2ConvRun:
         oh, ow = g.output_size(h, w, self.kh, self.kw)
         out = torch.empty((n, oh, ow, self.o), dtype=torch.float32)
         if out.numel():
-            status = self.lib.slimfx_conv2d_u7s7(
+            status = self.lib.slimfx_conv2d(
                 xc.data_ptr(), n, h, w, c, self.kh, self.kw, *g.stride, *g.padding, *g.dilation, oh, ow,
-                float(self.act.scale), int(self.act.zero_point), self.act.code_max, self.packed.data_ptr(), self.o,
+                float(self.act.scale), int(self.act.zero_point), self.act.code_max, self.narrow,
+                self.packed.data_ptr(), self.o,
                 self.colsum.data_ptr(), self.w_scale.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
                 out.data_ptr(), torch.get_num_threads())
             if status:
@@ -225,8 +236,8 @@ class _Avx2ConvRun:
 
 
 class Avx2Conv(_ConvCandidate):
-    """slimfx's AVX2 7-bit x 7-bit kernel (see :class:`slimfx.kernels.cpu_kernels.Avx2Int8`) as a convolution:
-    static activations with at most 7-bit codes, weights in [-64, 64], groups 1."""
+    """slimfx's AVX2 kernel (see :class:`slimfx.kernels.cpu_kernels.Avx2Int8`) as a convolution: static
+    activations whose pair sums cannot saturate (7-bit codes, or 7-bit weights), groups 1."""
 
     name = "avx2"
     modes = ("static_per_tensor",)
@@ -242,8 +253,7 @@ class Avx2Conv(_ConvCandidate):
         return native.avx2_int8_unavailable()
 
     def supports(self, act: ActQuant, geometry: ConvGeometry) -> bool:
-        return (act.mode in self.modes and act.code_max <= 127 and act.weight_bits <= 7
-                and geometry.groups == 1)
+        return act.mode in self.modes and avx2_exact(act) and geometry.groups == 1
 
     def prepare(self, w_q, w_scale, bias, geometry, act) -> PreparedKernel:
         return _Avx2ConvRun(w_q, w_scale, bias, geometry, act)

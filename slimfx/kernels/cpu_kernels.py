@@ -673,18 +673,44 @@ class TritonInt8(_Int8Candidate):
         return _TritonInt8Run(w_q, w_scale, bias, act)
 
 
+#: slimfx_linear_fused's activation modes (avx2_int8.c)
+_AVX2_MODES = {"static_per_tensor": 0, "dynamic_per_tensor": 1, "dynamic_per_token": 3}
+
+
+def avx2_exact(act: ActQuant) -> bool:
+    """Whether slimfx's AVX2 kernel computes ``act``'s codes times its weights exactly: one int16 pair sum of
+    ``vpmaddubsw`` must not saturate (8-bit codes with weights in [-64, 64], or 7-bit codes with any int8
+    weights; per-token codes are offset to [1, 255], so 7-bit weights)."""
+    if act.mode == "dynamic_per_token":
+        return act.weight_bits <= 7
+    return act.mode in ("static_per_tensor", "dynamic_per_tensor") and (act.code_max <= 127 or act.weight_bits <= 7)
+
+
+def avx2_narrow(act: ActQuant) -> bool:
+    """Whether two pair sums also fit int16 (7-bit codes and weights in [-64, 64]): the kernel's fast path."""
+    return act.mode != "dynamic_per_token" and act.code_max <= 127 and act.weight_bits <= 7
+
+
+def avx2_weight_limit(act: ActQuant) -> int:
+    return 64 if (act.mode == "dynamic_per_token" or act.code_max > 127) else 128
+
+
 class _Avx2Int8Run:
     """slimfx's own AVX2 kernel (``avx2_int8.c``): the weight packed once, then per call one C call and one
-    parallel region on torch's OpenMP threads: the input's range and torch's qparams (dynamic), the 7-bit codes
-    (the spec's fp32 product / division, round half to even), the GEMM with the epilogue fused."""
+    parallel region on torch's OpenMP threads: the input's range and qparams (dynamic modes, the spec's formulas
+    bit for bit), the codes (the spec's fp32 division or product, round half to even), the GEMM with the epilogue
+    fused; with 7-bit codes and weights the fast "narrow" path."""
 
     def __init__(self, w_q, w_scale, bias, act):
         from slimfx.kernels import native
 
+        if not avx2_exact(act):
+            raise KernelError(f"the avx2 kernel does not run {act.label} exactly (see avx2_exact)")
         self.lib = native.avx2_int8()
-        top = int(w_q.abs().max()) if w_q.numel() else 0
-        if top > 64:  # two pair sums of 127 * 64 products still fit int16; wider weights would wrap
-            raise KernelError(f"the avx2 kernel needs weight codes in [-64, 64] (weight_bits <= 7), got |w| = {top}")
+        top, limit = (int(w_q.abs().max()) if w_q.numel() else 0), avx2_weight_limit(act)
+        if top > limit:
+            raise KernelError(f"the avx2 kernel needs weight codes in [-{limit}, {limit}] for {act.label}, "
+                              f"got |w| = {top}")
         self.n, self.k = w_q.shape
         self.kp = (self.k + 7) // 8 * 8
         w = w_q.detach().to(torch.int8).contiguous()
@@ -694,6 +720,8 @@ class _Avx2Int8Run:
         self.w_scale = w_scale.detach().float().contiguous()
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.act = act
+        self.mode = 2 if act.mode == "dynamic_per_tensor" and act.bits == 8 else _AVX2_MODES[act.mode]
+        self.narrow = int(avx2_narrow(act) and top <= 64)
 
     def run(self, x2d: torch.Tensor) -> torch.Tensor:
         x = x2d.detach().float().contiguous()
@@ -701,12 +729,12 @@ class _Avx2Int8Run:
         out = torch.empty((m, self.n), dtype=torch.float32)
         if m == 0:
             return out
-        dynamic = self.act.mode == "dynamic_per_tensor"
-        scale, zp = (0.0, 0) if dynamic else (float(self.act.scale), int(self.act.zero_point))
+        static = self.act.mode == "static_per_tensor"
+        scale, zp = (float(self.act.scale), int(self.act.zero_point)) if static else (0.0, 0)
         report = (ctypes.c_float * 2)()  # dynamic: the chosen (scale, zero point), or the range holding NaN/inf
-        status = self.lib.slimfx_linear_u7s7_fused(
-            x.data_ptr(), m, self.k, self.k, int(dynamic), scale, zp, self.act.code_max, self.packed.data_ptr(),
-            self.n, self.colsum.data_ptr(), self.w_scale.data_ptr(),
+        status = self.lib.slimfx_linear_fused(
+            x.data_ptr(), m, self.k, self.k, self.mode, scale, zp, self.act.code_max, self.narrow,
+            self.packed.data_ptr(), self.n, self.colsum.data_ptr(), self.w_scale.data_ptr(),
             None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), self.n, torch.get_num_threads(),
             report)
         if status == 1:
@@ -718,13 +746,13 @@ class _Avx2Int8Run:
 
 
 class Avx2Int8(_Int8Candidate):
-    """slimfx's AVX2 int8 linear for 7-bit activation codes and weights in [-64, 64] (``weight_bits <= 7``), static
-    or dynamic per-tensor: with both operands that narrow, two ``vpmaddubsw`` pair sums add in int16 before one
-    ``vpmaddwd`` widens them, a quarter fewer multiplier instructions than every 8-bit kernel on AVX2 needs
-    (MLAS, fbgemm, oneDNN). Built with the machine's C compiler at first use (:mod:`slimfx.kernels.native`)."""
+    """slimfx's AVX2 int8 linear (``avx2_int8.c``, built with the machine's C compiler at first use,
+    :mod:`slimfx.kernels.native`), for every mode whose int16 pair sums cannot saturate (:func:`avx2_exact`). With
+    7-bit codes and weights in [-64, 64] two ``vpmaddubsw`` pair sums add in int16 before one ``vpmaddwd`` widens
+    them: a quarter fewer multiplier instructions than any 8-bit kernel on AVX2 needs (MLAS, fbgemm, oneDNN)."""
 
     name = "avx2"
-    modes = ("static_per_tensor", "dynamic_per_tensor")
+    modes = ("static_per_tensor", "dynamic_per_tensor", "dynamic_per_token")
 
     def is_available(self) -> bool:
         from slimfx.kernels import native
@@ -737,7 +765,7 @@ class Avx2Int8(_Int8Candidate):
         return native.avx2_int8_unavailable()
 
     def supports(self, act: ActQuant) -> bool:
-        return act.mode in self.modes and act.code_max <= 127 and act.weight_bits <= 7
+        return avx2_exact(act)
 
     def prepare(self, w_q, w_scale, bias, act) -> PreparedKernel:
         return _Avx2Int8Run(w_q, w_scale, bias, act)

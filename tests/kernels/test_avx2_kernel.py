@@ -25,9 +25,15 @@ AVX2_CONV = conv_kernels.CONV_CANDIDATES["avx2"]
 x86_with_compiler = (platform.machine() in ("x86_64", "AMD64") and native.compiler() is not None
                      and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
 needs_kernel = pytest.mark.skipif(not x86_with_compiler, reason="needs an x86-64 AVX2 CPU and a C compiler")
+#: every mode the kernel runs: 7-bit codes x 7-bit weights (its fast "narrow" path), and the "wide" path's
 ACTS = {"dynamic": ActQuant("dynamic_per_tensor", weight_bits=7),
         "static": ActQuant("static_per_tensor", 0.05, 61, bits=7, weight_bits=7),
-        "static_narrow": ActQuant("static_per_tensor", 0.2, 3, bits=4, weight_bits=6)}
+        "static_narrow": ActQuant("static_per_tensor", 0.2, 3, bits=4, weight_bits=6),
+        "dynamic_w8": ActQuant("dynamic_per_tensor"),  # torch.ao's dynamic scheme as it is
+        "static_u7_w8": ActQuant("static_per_tensor", 0.05, 61, bits=7),
+        "static_u8_w7": ActQuant("static_per_tensor", 0.03, 128, weight_bits=7),
+        "onnx_u8_w7": ActQuant("dynamic_per_tensor", bits=8, weight_bits=7),
+        "per_token_w7": ActQuant("dynamic_per_token", weight_bits=7)}
 
 
 def _problem(m, n, k, seed, top=63):
@@ -42,10 +48,13 @@ def test_kernel_builds_and_is_a_candidate_on_this_machine():
     """CI runs on x86-64 with gcc: the kernel must build there, not silently drop out of the dispatcher."""
     assert native.avx2_int8_unavailable() is None
     assert AVX2.is_available()
-    assert AVX2.supports(ACTS["dynamic"]) and AVX2.supports(ACTS["static"])
-    assert not AVX2.supports(ActQuant("dynamic_per_tensor"))  # 8-bit weights would wrap the int16 sums
-    assert not AVX2.supports(ActQuant("static_per_tensor", 0.05, 61, weight_bits=7))  # 8-bit codes
-    assert not AVX2.supports(ActQuant("dynamic_per_token", weight_bits=7))
+    assert all(AVX2.supports(act) for act in ACTS.values())
+    # 8-bit codes with 8-bit weights saturate one int16 pair sum (255 * 127 * 2 > 2**15): never claimed
+    assert not AVX2.supports(ActQuant("static_per_tensor", 0.05, 61))
+    assert not AVX2.supports(ActQuant("dynamic_per_tensor", bits=8))
+    assert not AVX2.supports(ActQuant("dynamic_per_token"))
+    narrow = {name for name, act in ACTS.items() if cpu_kernels.avx2_narrow(act)}
+    assert narrow == {"dynamic", "static", "static_narrow"}
 
 
 @needs_kernel
@@ -55,6 +64,8 @@ def test_kernel_builds_and_is_a_candidate_on_this_machine():
 def test_outputs_match_the_spec(m, n, k, act, with_bias, transposed, seed):
     act = ACTS[act]
     x, w_q, w_scale, bias = _problem(m, n, k, seed, top=2 ** (act.weight_bits - 1) - 1)
+    if act.mode == "dynamic_per_token" and m > 1:
+        x[m // 2] *= 1e-3  # rows of very different ranges
     if transposed:  # a strided (non-contiguous) input
         x = x.t().contiguous().t()
     bias = bias if with_bias else None
@@ -64,16 +75,18 @@ def test_outputs_match_the_spec(m, n, k, act, with_bias, transposed, seed):
 
 
 @needs_kernel
-@pytest.mark.parametrize("act", sorted(ACTS)[:2])
+@pytest.mark.parametrize("act", sorted(ACTS))
 def test_worst_case_sums_several_k_blocks_and_thread_counts(act):
-    """All-top codes times weights of +-64 (the largest |pair sum| pairs: 2 * 2 * 127 * 64 < 2**15), K over three
-    cache blocks with a ragged end, rows and columns off the tile sizes; any thread count, the same bits."""
+    """All-top codes times the widest weights each path allows (narrow: +-64, two pair sums 2 * 2 * 127 * 64 <
+    2**15; wide: one pair sum of 255 * 64 or 127 * 128), K over three cache blocks with a ragged end, rows and
+    columns off the tile sizes; any thread count, the same bits."""
     act = ACTS[act]
     m, n, k = 70, 37, 2100
-    x, w_q, w_scale, bias = _problem(m, n, k, 1)
-    x[0] = x.abs().max()  # code 127 along the whole row (dynamic) / clamped to the top (static)
-    w_q[0] = 64
-    w_q[1] = -64
+    x, w_q, w_scale, bias = _problem(m, n, k, 1, top=2 ** (act.weight_bits - 1) - 1)
+    x[0] = x.abs().max()  # the top code along the whole row (dynamic / per-token) / clamped to it (static)
+    limit = cpu_kernels.avx2_weight_limit(act)
+    w_q[0] = min(limit, 127)
+    w_q[1] = -limit
     run = AVX2.prepare(w_q, w_scale, bias, act)
     ref = int8_linear_spec(x, w_q, w_scale, bias, act)
     threads = torch.get_num_threads()
@@ -134,14 +147,15 @@ def test_qparams_in_c_are_the_specs_bit_for_bit(lo, hi):
 
 @needs_kernel
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_nan_or_inf_input_raises_and_names_the_problem(bad):
+@pytest.mark.parametrize("act", ["dynamic", "onnx_u8_w7"])
+def test_nan_or_inf_input_raises_and_names_the_problem(bad, act):
     x, w_q, w_scale, bias = _problem(9, 8, 37, 0)
     x[5, 36] = bad  # in the scalar tail of a row
     with pytest.raises(KernelError, match="NaN or inf"):
-        AVX2.prepare(w_q, w_scale, bias, ACTS["dynamic"]).run(x)
+        AVX2.prepare(w_q, w_scale, bias, ACTS[act]).run(x)
     x[5, 36], x[2, 3] = 0.0, bad  # in the vector body
     with pytest.raises(KernelError, match="NaN or inf"):
-        AVX2.prepare(w_q, w_scale, bias, ACTS["dynamic"]).run(x)
+        AVX2.prepare(w_q, w_scale, bias, ACTS[act]).run(x)
 
 
 @needs_kernel
@@ -159,11 +173,28 @@ def test_nan_codes_are_zero_not_garbage():
 
 
 @needs_kernel
-def test_weights_wider_than_7_bits_are_refused():
+def test_weights_wider_than_the_mode_allows_are_refused():
     x, w_q, w_scale, bias = _problem(4, 8, 16, 0, top=127)
     w_q[0, 0] = 100
-    with pytest.raises(KernelError, match=r"\[-64, 64\]"):
-        AVX2.prepare(w_q, w_scale, bias, ACTS["dynamic"])
+    for name in ("static_u8_w7", "per_token_w7", "onnx_u8_w7"):
+        with pytest.raises(KernelError, match=r"\[-64, 64\]"):
+            AVX2.prepare(w_q, w_scale, bias, ACTS[name])
+    AVX2.prepare(w_q, w_scale, bias, ACTS["dynamic_w8"])  # 7-bit codes: any int8 weight
+    with pytest.raises(KernelError, match="does not run"):
+        AVX2.prepare(w_q, w_scale, bias, ActQuant("static_per_tensor", 0.05, 61))
+
+
+@needs_kernel
+def test_per_token_rows_with_nan_or_inf_come_out_non_finite_like_the_spec():
+    """Per-token quantization is per row: a NaN / inf row gets a non-finite scale and output row (the spec's),
+    the other rows their exact values; nothing raises."""
+    x, w_q, w_scale, bias = _problem(6, 8, 40, 2, top=63)
+    x[1, 3], x[4, 39] = float("nan"), float("inf")
+    out = AVX2.prepare(w_q, w_scale, bias, ACTS["per_token_w7"]).run(x)
+    ref = int8_linear_spec(x, w_q, w_scale, bias, ACTS["per_token_w7"])
+    assert not torch.isfinite(out[[1, 4]]).any()
+    keep = [0, 2, 3, 5]
+    assert relative_error(out[keep], ref[keep]) <= 1e-5
 
 
 @needs_kernel
@@ -216,7 +247,7 @@ def test_a_failing_build_is_reported_with_the_compilers_message(monkeypatch, tmp
 @given(n=st.integers(1, 3), c=st.integers(1, 20), o=st.integers(1, 20), h=st.integers(1, 12), w=st.integers(1, 12),
        kh=st.sampled_from([1, 2, 3, 5]), kw=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2, (2, 1)]),
        padding=st.sampled_from([0, 1, 2, (0, 1)]), dilation=st.sampled_from([1, 2]), with_bias=st.booleans(),
-       channels_last=st.booleans(), bits=st.sampled_from([7, 4]), seed=st.integers(0, 2**16))
+       channels_last=st.booleans(), bits=st.sampled_from([8, 7, 4]), seed=st.integers(0, 2**16))
 def test_conv_matches_the_spec(n, c, o, h, w, kh, kw, stride, padding, dilation, with_bias, channels_last, bits,
                                seed):
     """im2col of the codes (padding = the zero point's code) into the GEMM, any geometry, both layouts."""
@@ -225,8 +256,10 @@ def test_conv_matches_the_spec(n, c, o, h, w, kh, kw, stride, padding, dilation,
     if oh < 1 or ow < 1:
         return
     g = torch.Generator().manual_seed(seed)
-    act = ActQuant("static_per_tensor", 0.05, 2 ** bits // 3, bits=bits, weight_bits=7)
-    w_q = torch.randint(-63, 64, (o, c, kh, kw), generator=g, dtype=torch.int8)
+    act = ActQuant("static_per_tensor", 0.05, 2 ** bits // 3, bits=bits,
+                   weight_bits=8 if bits == 7 and seed % 2 else 7)  # narrow and wide paths
+    top = 2 ** (act.weight_bits - 1) - 1
+    w_q = torch.randint(-top, top + 1, (o, c, kh, kw), generator=g, dtype=torch.int8)
     w_scale = torch.rand(o, generator=g) * 0.05 + 1e-3
     bias = torch.randn(o, generator=g) if with_bias else None
     x = torch.randn(n, c, h, w, generator=g) * 2
@@ -244,8 +277,9 @@ def test_conv_support_and_a_module_forced_onto_it():
     act = ACTS["static"]
     assert AVX2_CONV.supports(act, ConvGeometry.of(1, 1, 1, 1))
     assert not AVX2_CONV.supports(act, ConvGeometry.of(1, 1, 1, 4))  # grouped / depthwise: not a GEMM
-    assert not AVX2_CONV.supports(ActQuant("static_per_tensor", 0.05, 61, bits=8, weight_bits=7),
-                                  ConvGeometry.of(1, 1, 1, 1))
+    assert not AVX2_CONV.supports(ActQuant("static_per_tensor", 0.05, 61, bits=8), ConvGeometry.of(1, 1, 1, 1))
+    assert AVX2_CONV.supports(ActQuant("static_per_tensor", 0.05, 61, bits=8, weight_bits=7),
+                              ConvGeometry.of(1, 1, 1, 1))
     assert not AVX2_CONV.supports(ActQuant("weight_only", weight_bits=7), ConvGeometry.of(1, 1, 1, 1))
     conv = torch.nn.Conv2d(8, 16, 3, padding=1)
     x = torch.randn(2, 8, 10, 10)

@@ -24,6 +24,8 @@ def _act(mode: str) -> ActQuant:
         return ActQuant("static_per_tensor", 0.04, 121, weight_bits=7)
     if mode == "dynamic_per_tensor_u8_w7":
         return ActQuant("dynamic_per_tensor", bits=8, weight_bits=7)
+    if mode == "dynamic_per_token_w7":
+        return ActQuant("dynamic_per_token", weight_bits=7)
     if mode == "dynamic_per_tensor_w7":
         return ActQuant("dynamic_per_tensor", weight_bits=7)
     if mode == "static_per_tensor_u7_w7":
@@ -34,7 +36,8 @@ def _act(mode: str) -> ActQuant:
 
 
 ACT_LABELS = cpu_kernels.ACT_MODES + ("static_per_tensor_u7", "static_per_tensor_w7", "dynamic_per_tensor_u8",
-                                      "dynamic_per_tensor_u8_w7", "dynamic_per_tensor_w7", "static_per_tensor_u7_w7")
+                                      "dynamic_per_tensor_u8_w7", "dynamic_per_tensor_w7", "static_per_tensor_u7_w7",
+                                      "dynamic_per_token_w7")
 
 
 def _int8_problem(m: int, n: int, k: int, seed: int, weight_bits: int = 8):
@@ -56,7 +59,9 @@ EXACT_EVERYWHERE = {(name, label) for name in ("dense", "int_mm") for label in A
     ("onnxruntime", "static_per_tensor_u7"), ("onnxruntime", "static_per_tensor_w7"),
     ("onnxruntime", "dynamic_per_tensor"), ("onednn", "dynamic_per_tensor_u8_w7"),
     ("onnxruntime", "dynamic_per_tensor_u8_w7"),
-    ("avx2", "dynamic_per_tensor_w7"), ("avx2", "static_per_tensor_u7_w7")}
+    ("avx2", "dynamic_per_tensor_w7"), ("avx2", "static_per_tensor_u7_w7"), ("avx2", "dynamic_per_tensor"),
+    ("avx2", "static_per_tensor_u7"), ("avx2", "static_per_tensor_w7"), ("avx2", "dynamic_per_tensor_u8_w7"),
+    ("avx2", "dynamic_per_token_w7")}
 
 
 @settings(max_examples=20)
