@@ -622,6 +622,8 @@ DEFAULT_INT8_SHAPES = ((64, 1024, 1024), (256, 1024, 4096), (1024, 4096, 4096))
 PROBE_STATIC_U7 = ActQuant("static_per_tensor", 0.05, 64, bits=7)
 #: ONNX's 8-bit dynamic quantization with 7-bit weights (exact on AVX2 CPUs without VNNI).
 PROBE_DYNAMIC_U8_W7 = ActQuant("dynamic_per_tensor", bits=8, weight_bits=7)
+#: 7-bit codes with 7-bit weights: slimfx's avx2 kernel's fast path.
+PROBE_DYNAMIC_W7 = ActQuant("dynamic_per_tensor", weight_bits=7)
 #: (input NCHW, weight OIHW, geometry) of the int8 conv rows of the `slimfx kernels` table.
 DEFAULT_CONV_SHAPES = (((8, 64, 28, 28), (64, 64, 3, 3), ConvGeometry.of(padding=1)),)
 DEFAULT_BSR_SHAPES = ((256, 1024, 1024, (32, 32), 0.5), (256, 1024, 1024, (32, 32), 0.25),
@@ -640,17 +642,20 @@ def machine_summary() -> str:
 def main_table(shapes: Iterable[tuple[int, int, int]] | None = None) -> str:
     """Select (measuring where not cached) the kernels for default shapes; return the table as text.
 
-    ``shapes`` are int8 ``(M, K, N)`` triples (each in dynamic per-token, dynamic per-tensor with 7-bit codes
-    and with 8-bit codes and 7-bit weights, and 7-bit static modes); without them block-sparse and conv rows
+    ``shapes`` are int8 ``(M, K, N)`` triples (each in dynamic per-token, dynamic per-tensor with 7-bit codes,
+    with 8-bit codes and 7-bit weights and with 7-bit codes and weights, and 7-bit static modes); without them
+    block-sparse and conv rows
     are added (:data:`DEFAULT_BSR_SHAPES`, :data:`DEFAULT_CONV_SHAPES`).
     """
     for m, k, n in shapes or DEFAULT_INT8_SHAPES:
         for act in (ActQuant("dynamic_per_token"), ActQuant("dynamic_per_tensor"), PROBE_DYNAMIC_U8_W7,
-                    PROBE_STATIC_U7):
+                    PROBE_DYNAMIC_W7, PROBE_STATIC_U7):
             select_int8_kernel(m, n, k, act)
     if shapes is None:
         for m, k, n, block, density in DEFAULT_BSR_SHAPES:
             select_bsr_kernel(m, n, k, block, density)
         for x_shape, w_shape, geometry in DEFAULT_CONV_SHAPES:
             select_conv_kernel(x_shape, w_shape, geometry, PROBE_STATIC_U7)
-    return f"{machine_summary()}\ncache: {cache_path()}\n\n{format_choice_table(choice_table())}"
+    why_not = native.avx2_int8_unavailable()
+    built = "avx2 kernel: built" if why_not is None else f"avx2 kernel: not available ({why_not})"
+    return f"{machine_summary()}\ncache: {cache_path()}\n{built}\n\n{format_choice_table(choice_table())}"

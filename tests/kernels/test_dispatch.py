@@ -514,6 +514,7 @@ def test_choice_table_lists_measured_choices():
     assert {r["family"] for r in rows} == {"int8", "bsr"}
     text = dispatch.main_table(shapes=[(2, 16, 16)])
     assert text.startswith("CPU: ") and "| int8 | M2 N16 K16 float32 dynamic_per_token |" in text
+    assert "avx2 kernel: " in text and "dynamic_per_tensor_w7" in text  # whether slimfx's own kernel is built
 
 
 def test_forget_choices_drops_this_machines_entries_and_measures_again(monkeypatch):
