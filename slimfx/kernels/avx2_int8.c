@@ -35,7 +35,7 @@
 #define NCP_MAX 16    /* panels per thread tile: 256 columns x KC bytes of weights stay in L2 */
 #endif
 
-int slimfx_abi_version(void) { return 4; }
+int slimfx_abi_version(void) { return 5; }
 
 static int64_t panels_of(int64_t n) { return (n + NR - 1) / NR; }
 static int64_t kpad_of(int64_t k) { return (k + 7) / 8 * 8; }
@@ -235,7 +235,7 @@ static tiling_t tiling_of(int64_t m, int64_t n, int64_t kp, int nthreads) {
   tiling_t t;
   t.np = panels_of(n);
   t.mt = (m + MC - 1) / MC;
-  t.nkb = (kp + KC - 1) / KC;
+  t.nkb = kp > 0 ? (kp + KC - 1) / KC : 1; /* K = 0: one empty block, so the epilogue still writes the bias */
   const int64_t want = 2 * (int64_t)nthreads, per_row = (want + t.mt - 1) / t.mt;
   int64_t ncp = (t.np + per_row - 1) / per_row;
   t.ncp = ncp < 1 ? 1 : (ncp > NCP_MAX ? NCP_MAX : ncp);

@@ -34,6 +34,7 @@ from slimfx.kernels.cpu_kernels import (
     avx2_exact,
     avx2_narrow,
     avx2_weight_limit,
+    check_avx2_input,
     scale_tensor,
     static_codes,
 )
@@ -206,7 +207,9 @@ class _Avx2ConvRun:
             raise KernelError(f"the avx2 conv runs static activations with weight codes in [-{limit}, {limit}] for "
                               f"{act.label}, got {act.mode} with |w| = {top}")
         self.narrow = int(avx2_narrow(act) and top <= 64)
-        self.o, _, self.kh, self.kw = w_q.shape
+        if geometry.groups != 1:
+            raise KernelError(f"the avx2 conv runs groups=1 convolutions, got groups={geometry.groups}")
+        self.o, self.c, self.kh, self.kw = w_q.shape
         w = w_q.detach().to(torch.int8).permute(0, 2, 3, 1).reshape(self.o, -1).contiguous()
         k = w.shape[1]
         self.packed = torch.empty(int(self.lib.slimfx_packed_weight_bytes(self.o, k)), dtype=torch.int8)
@@ -217,6 +220,9 @@ class _Avx2ConvRun:
         self.geometry, self.act = geometry, act
 
     def run(self, x: torch.Tensor, memory_format: torch.memory_format | None = None) -> torch.Tensor:
+        check_avx2_input(x, self.c, "in_channels", dim=1)
+        if x.dim() != 4:
+            raise KernelError(f"the avx2 conv takes a 4-D [N, C, H, W] input, got shape {tuple(x.shape)}")
         layout = memory_format or memory_format_of(x)
         g = self.geometry
         xc = x.detach().float().contiguous(memory_format=torch.channels_last)

@@ -724,6 +724,7 @@ class _Avx2Int8Run:
         self.narrow = int(avx2_narrow(act) and top <= 64)
 
     def run(self, x2d: torch.Tensor) -> torch.Tensor:
+        check_avx2_input(x2d, self.k, "in_features")
         x = x2d.detach().float().contiguous()
         m = x.shape[0]
         out = torch.empty((m, self.n), dtype=torch.float32)
@@ -743,6 +744,14 @@ class _Avx2Int8Run:
             raise KernelError(f"the avx2 int8 kernel failed (status {status}: out of memory for {m} x {self.kp} "
                               "activation codes)")
         return out
+
+
+def check_avx2_input(x: torch.Tensor, width: int, what: str, dim: int = -1) -> None:
+    """The C kernels read ``x`` through a raw pointer: it must be a CPU tensor of the prepared width."""
+    if x.device.type != "cpu":
+        raise KernelError(f"the avx2 kernel runs on CPU tensors, got one on {x.device}")
+    if x.dim() < 2 or x.shape[dim] != width:
+        raise KernelError(f"the avx2 kernel was prepared for {what}={width}, got an input of shape {tuple(x.shape)}")
 
 
 class Avx2Int8(_Int8Candidate):

@@ -243,8 +243,8 @@ def forced_kernel(family: str, kernel: str | None = None) -> str | None:
 
 
 def _check_forced_runnable(family: str, name: str, device: torch.device) -> None:
-    if family == "conv" and device.type != "cpu" and name == "onednn":
-        raise KernelError(f"conv kernel 'onednn' is a CPU kernel but the input is on {device}; "
+    if family == "conv" and device.type != "cpu" and name in ("onednn", "avx2"):
+        raise KernelError(f"conv kernel {name!r} is a CPU kernel but the input is on {device}; "
                           "use 'dense' or unset SLIMFX_KERNEL / kernel=")
     if family != "conv" and device.type != "cpu" and name != "triton":
         raise KernelError(f"{family} kernel {name!r} is a CPU kernel but the input is on {device}; "

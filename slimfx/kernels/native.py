@@ -29,7 +29,7 @@ from slimfx.errors import KernelError
 
 SOURCE = Path(__file__).with_name("avx2_int8.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
@@ -88,17 +88,39 @@ def _load_avx2_int8(switch: str) -> ctypes.CDLL | str:
     cc = compiler()
     if cc is None:
         return "no C compiler found to build the AVX2 int8 kernel: install gcc (or set CC) to enable it"
+    for attempt in range(2):
+        try:
+            path = _build(cc)
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"building the AVX2 int8 kernel with {cc} failed: {_first_error(str(e))}"
+        loaded = _bind(path)
+        if not isinstance(loaded, str) or attempt:
+            return loaded
+        path.unlink(missing_ok=True)  # a damaged or foreign file under our name: build it again, once
+    raise AssertionError("unreachable")
+
+
+def _bind(path: Path) -> ctypes.CDLL | str:
+    """The library at ``path`` with its signatures set, or why it cannot be used."""
     try:
-        path = _build(cc)
         lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"building the AVX2 int8 kernel with {cc} failed: {str(e).strip().splitlines()[-1][:300]}"
-    for name, (args, res) in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, res
-    if lib.slimfx_abi_version() != ABI_VERSION:
-        return f"{path} is a stale build (ABI {lib.slimfx_abi_version()}, expected {ABI_VERSION}): delete it"
+        version = lib.slimfx_abi_version
+        version.argtypes, version.restype = [], _INT
+        if version() != ABI_VERSION:
+            return f"{path} is a stale build (ABI {version()}, expected {ABI_VERSION})"
+        for name, (args, res) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
+    except (OSError, AttributeError) as e:
+        return f"{path} cannot be loaded: {e}"
     return lib
+
+
+def _first_error(message: str) -> str:
+    """The compiler's first ``error:`` line (its last line is often a caret or a note), else its first line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return ((errors or lines or ["no output"])[0])[:300]
 
 
 def _build(cc: str) -> Path:

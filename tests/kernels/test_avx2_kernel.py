@@ -238,7 +238,7 @@ def test_a_failing_build_is_reported_with_the_compilers_message(monkeypatch, tmp
     monkeypatch.setattr(native, "SOURCE", broken)
     monkeypatch.setenv("SLIMFX_CACHE_DIR", str(tmp_path / "cache"))
     why = native._load_avx2_int8.__wrapped__("1")
-    assert isinstance(why, str) and why.startswith("building the AVX2 int8 kernel with")
+    assert isinstance(why, str) and why.startswith("building the AVX2 int8 kernel with") and "error" in why
     assert not list((tmp_path / "cache" / "native").glob("*.so"))  # no half-written library left behind
 
 
@@ -291,3 +291,49 @@ def test_conv_support_and_a_module_forced_onto_it():
     assert forced.last_kernel == "avx2" and relative_error(y, dense(x)) <= 1e-5
     choice = dispatch.measure_conv((2, 8, 10, 10), (16, 8, 3, 3), ConvGeometry.of(1, 1, 1, 1), forced.act_quant())
     assert "avx2" in choice.times_ms, choice.rejected
+
+
+@needs_kernel
+def test_no_input_features_gives_the_bias_not_garbage():
+    """K = 0 (an empty GEMM): the epilogue still runs, out = bias (review finding: uninitialised memory)."""
+    x, w_q, w_scale, bias = _problem(3, 5, 0, 0)
+    for name in ("dynamic", "static", "per_token_w7", "onnx_u8_w7"):
+        out = AVX2.prepare(w_q, w_scale, bias, ACTS[name]).run(x)
+        assert torch.equal(out, bias.expand(3, 5)), name
+    geometry = ConvGeometry.of(1, 1, 1, 1)
+    w4 = torch.zeros(4, 0, 3, 3, dtype=torch.int8)
+    y = AVX2_CONV.prepare(w4, w_scale[:4], bias[:4], geometry, ACTS["static"]).run(torch.zeros(2, 0, 5, 5))
+    assert torch.equal(y, bias[:4].reshape(1, 4, 1, 1).expand(2, 4, 5, 5))
+
+
+@needs_kernel
+def test_inputs_it_cannot_read_are_refused():
+    x, w_q, w_scale, bias = _problem(3, 16, 64, 0)
+    run = AVX2.prepare(w_q, w_scale, bias, ACTS["dynamic"])
+    with pytest.raises(KernelError, match="in_features=64"):
+        run.run(x[:, :40])  # would read past the input
+    with pytest.raises(KernelError, match="CPU tensors"):
+        run.run(torch.empty(3, 64, device="meta"))
+    conv = AVX2_CONV.prepare(torch.zeros(4, 3, 3, 3, dtype=torch.int8), w_scale[:4], None, ConvGeometry.of(1, 1),
+                             ACTS["static"])
+    with pytest.raises(KernelError, match="in_channels=3"):
+        conv.run(torch.zeros(1, 5, 6, 6))
+    with pytest.raises(KernelError, match="CPU kernel"):  # forcing it on CUDA tensors is refused up front
+        dispatch._check_forced_runnable("conv", "avx2", torch.device("cuda"))
+
+
+@needs_kernel
+def test_a_damaged_cached_library_is_built_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLIMFX_CACHE_DIR", str(tmp_path / "cache"))
+    assert not isinstance(native._load_avx2_int8.__wrapped__("1"), str)
+    (built,) = (tmp_path / "cache" / "native").glob("*.so")
+    built.unlink()  # a new file (this process maps the old one: writing into it in place would crash it)
+    built.write_bytes(b"not a shared library")
+    lib = native._load_avx2_int8.__wrapped__("1")
+    assert not isinstance(lib, str), lib
+    assert lib.slimfx_abi_version() == native.ABI_VERSION
+
+
+def test_build_errors_name_the_compilers_error_line():
+    message = "x.c: In function 'f':\nx.c:3:5: error: 'y' undeclared\n    3 | y;\n      | ^\nx.c:3:5: note: each"
+    assert native._first_error(message) == "x.c:3:5: error: 'y' undeclared"
