@@ -10,7 +10,11 @@
  * path (codes <= 127, |w| <= 64). The "wide" path widens every pair sum (as MLAS does) and is exact whenever one
  * pair sum fits int16: 8-bit codes with |w| <= 64 (255 * 64 * 2 = 32640) or 7-bit codes with 8-bit weights
  * (127 * 128 * 2 = 32512); it runs the modes the narrow one cannot (per-token, ONNX's 8-bit dynamic codes) in the
- * same single parallel region.
+ * same single parallel region. The "split" path makes 8-bit codes x 8-bit weights exact too: each weight is
+ * split into nibbles, w = 16 * h + l (h = w >> 4 in [-8, 7], l = w & 15 in [0, 15]); one vpmaddubsw of the codes
+ * (x0, x1, x0, x1) with (l0, l1, h0, h1) gives the l and h pair sums in neighbouring int16 lanes (at most 7650 and
+ * 4080 in size), four of them add in int16 and one vpmaddwd with (1, 16) widens them to l + 16 h: five
+ * multiplier instructions per 64 products (fp32 needs eight FMAs), on codes duplicated pairwise in memory.
  *
  * Layout: activation codes row-major [M, Kp] (Kp = K rounded up to 8; the padding's weights are 0), weights
  * packed once into panels of 16 output columns: per group of 4 k, 64 bytes = [cols 0-7 x 4 k][cols 8-15 x 4 k].
@@ -35,22 +39,61 @@
 #define NCP_MAX 16    /* panels per thread tile: 256 columns x KC bytes of weights stay in L2 */
 #endif
 
-int slimfx_abi_version(void) { return 5; }
+int slimfx_abi_version(void) { return 6; }
 
 static int64_t panels_of(int64_t n) { return (n + NR - 1) / NR; }
 static int64_t kpad_of(int64_t k) { return (k + 7) / 8 * 8; }
 
-int64_t slimfx_packed_weight_bytes(int64_t n, int64_t k) { return panels_of(n) * kpad_of(k) * NR; }
+/* Bytes of the packed weight: split (nibble) packing takes twice the plain one. */
+int64_t slimfx_packed_weight_bytes(int64_t n, int64_t k, int split) {
+  return panels_of(n) * kpad_of(k) * NR * (split ? 2 : 1);
+}
 
 /* w: int8 [n, k] row-major (codes in [-63, 63]) -> out (slimfx_packed_weight_bytes bytes). */
 void slimfx_pack_weights(const int8_t *w, int64_t n, int64_t k, int8_t *out) {
   int64_t kp = kpad_of(k);
-  memset(out, 0, (size_t)slimfx_packed_weight_bytes(n, k));
+  memset(out, 0, (size_t)slimfx_packed_weight_bytes(n, k, 0));
   for (int64_t j = 0; j < n; j++) {
     int8_t *panel = out + (j / NR) * kp * NR;
     int64_t c = j % NR;
     for (int64_t i = 0; i < k; i++)
       panel[(i / 4) * 64 + (c / 8) * 32 + (c % 8) * 4 + (i % 4)] = w[j * k + i];
+  }
+}
+
+/* Split packing: panels of 16 columns; per pair of k, 64 bytes = [cols 0-7 x (l0, l1, h0, h1)][cols 8-15 x ...]
+ * with w = 16 * h + l, h = w >> 4, l = w & 15. */
+void slimfx_pack_weights_split(const int8_t *w, int64_t n, int64_t k, int8_t *out) {
+  int64_t kp = kpad_of(k);
+  memset(out, 0, (size_t)slimfx_packed_weight_bytes(n, k, 1));
+  for (int64_t j = 0; j < n; j++) {
+    int8_t *panel = out + (j / NR) * kp * NR * 2;
+    int64_t c = j % NR;
+    for (int64_t i = 0; i < k; i++) {
+      const int v = w[j * k + i];
+      int8_t *slot = panel + (i / 2) * 64 + (c / 8) * 32 + (c % 8) * 4 + (i % 2);
+      slot[0] = (int8_t)(v & 15);
+      slot[2] = (int8_t)(v >> 4); /* arithmetic shift: floor(v / 16) */
+    }
+  }
+}
+
+/* codes2[i] = codes[i] with every pair of k duplicated, (c0, c1, c0, c1), the split path's operand layout. */
+static void duplicate_pairs(const uint8_t *codes, int64_t m, int64_t kp, uint8_t *codes2) {
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < m; i++) {
+    const uint8_t *src = codes + i * kp;
+    uint8_t *dst = codes2 + i * 2 * kp;
+    int64_t j = 0;
+    for (; j + 16 <= kp; j += 16) {
+      const __m128i v = _mm_loadu_si128((const __m128i *)(src + j));
+      _mm_storeu_si128((__m128i *)(dst + 2 * j), _mm_unpacklo_epi16(v, v));
+      _mm_storeu_si128((__m128i *)(dst + 2 * j + 16), _mm_unpackhi_epi16(v, v));
+    }
+    for (; j < kp; j += 2) {
+      dst[2 * j] = dst[2 * j + 2] = src[j];
+      dst[2 * j + 1] = dst[2 * j + 3] = src[j + 1];
+    }
   }
 }
 
@@ -135,10 +178,13 @@ typedef struct {
 } epilogue_t;
 
 /* acc[MR x NR] (+)= A[rows x kc] * B-panel; on the last k block, out = (acc - zp * colsum) * a_scale * w_scale +
- * bias for the panel's columns [col0, col0 + 16) that exist. narrow: two pair sums added in int16 before widening
- * (codes <= 127, |w| <= 64), else each widened (one pair sum must fit int16). */
+ * bias for the panel's columns [col0, col0 + 16) that exist. NARROW: two pair sums added in int16 before
+ * widening (codes <= 127, |w| <= 64); WIDE: each widened (one pair sum must fit int16); SPLIT: nibble weights on
+ * pairwise-duplicated codes (a holds 2 bytes per k), four steps added in int16, widened with (1, 16). */
+enum { WIDE = 0, NARROW = 1, SPLIT = 2 };
+
 static inline void micro_tile(const uint8_t *a, int64_t lda, int rows, const int8_t *b, int64_t kc, int32_t *acc,
-                              int first, int last, const epilogue_t *ep, int64_t row0, int64_t col0, int narrow) {
+                              int first, int last, const epilogue_t *ep, int64_t row0, int64_t col0, int path) {
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
           c31 = c00;
   const __m256i ones = _mm256_set1_epi16(1);
@@ -169,7 +215,33 @@ static inline void micro_tile(const uint8_t *a, int64_t lda, int rows, const int
     ch = _mm256_add_epi32(ch, _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(x0, B_AT(32)), ones), \
                                                _mm256_madd_epi16(_mm256_maddubs_epi16(x1, B_AT(96)), ones))); \
   }
-  if (narrow) {
+#define SLIMFX_SPLIT_ROW(ap, cl, ch)                                                                   \
+  {                                                                                                   \
+    int32_t w0, w1, w2, w3;                                                                           \
+    memcpy(&w0, ap + 2 * k, 4);                                                                       \
+    memcpy(&w1, ap + 2 * k + 4, 4);                                                                   \
+    memcpy(&w2, ap + 2 * k + 8, 4);                                                                   \
+    memcpy(&w3, ap + 2 * k + 12, 4);                                                                  \
+    const __m256i x0 = _mm256_set1_epi32(w0), x1 = _mm256_set1_epi32(w1), x2 = _mm256_set1_epi32(w2),  \
+                  x3 = _mm256_set1_epi32(w3);                                                         \
+    __m256i t = _mm256_add_epi16(                                                                     \
+        _mm256_add_epi16(_mm256_maddubs_epi16(x0, B_AT(0)), _mm256_maddubs_epi16(x1, B_AT(64))),      \
+        _mm256_add_epi16(_mm256_maddubs_epi16(x2, B_AT(128)), _mm256_maddubs_epi16(x3, B_AT(192))));  \
+    cl = _mm256_add_epi32(cl, _mm256_madd_epi16(t, mix));                                             \
+    t = _mm256_add_epi16(                                                                             \
+        _mm256_add_epi16(_mm256_maddubs_epi16(x0, B_AT(32)), _mm256_maddubs_epi16(x1, B_AT(96))),     \
+        _mm256_add_epi16(_mm256_maddubs_epi16(x2, B_AT(160)), _mm256_maddubs_epi16(x3, B_AT(224))));  \
+    ch = _mm256_add_epi32(ch, _mm256_madd_epi16(t, mix));                                             \
+  }
+  if (path == SPLIT) {
+    const __m256i mix = _mm256_set1_epi32(1 | (16 << 16)); /* (l, h) int16 lanes -> l + 16 h */
+    for (int64_t k = 0; k < kc; k += 8, b += 256) {
+      SLIMFX_SPLIT_ROW(a0, c00, c01)
+      SLIMFX_SPLIT_ROW(a1, c10, c11)
+      SLIMFX_SPLIT_ROW(a2, c20, c21)
+      SLIMFX_SPLIT_ROW(a3, c30, c31)
+    }
+  } else if (path == NARROW) {
     for (int64_t k = 0; k < kc; k += 8, b += 128) {
       SLIMFX_NARROW_ROW(a0, c00, c01)
       SLIMFX_NARROW_ROW(a1, c10, c11)
@@ -186,6 +258,7 @@ static inline void micro_tile(const uint8_t *a, int64_t lda, int rows, const int
   }
 #undef SLIMFX_NARROW_ROW
 #undef SLIMFX_WIDE_ROW
+#undef SLIMFX_SPLIT_ROW
 #undef B_AT
   __m256i cs[2 * MR] = {c00, c01, c10, c11, c20, c21, c30, c31};
   if (!first)
@@ -250,7 +323,8 @@ static int worth_threads(int64_t m, int64_t n, int64_t kp, int nthreads) {
 
 /* The GEMM's row x column tiles, shared among the threads of the enclosing parallel region. */
 static void gemm_tiles(const uint8_t *codes, int64_t m, int64_t kp, const int8_t *packed, const epilogue_t *ep,
-                       tiling_t tl, int narrow) {
+                       tiling_t tl, int path) {
+  const int64_t widen = path == SPLIT ? 2 : 1; /* bytes per k of the codes and of a panel column */
   int32_t *acc = tl.nkb > 1 ? (int32_t *)malloc((size_t)MC * tl.ncp * NR * sizeof(int32_t)) : NULL;
 #pragma omp for schedule(static)
   for (int64_t t = 0; t < tl.tiles; t++) {
@@ -262,8 +336,8 @@ static void gemm_tiles(const uint8_t *codes, int64_t m, int64_t kp, const int8_t
         const int rows = (int)(r1 - r < MR ? r1 - r : MR);
         for (int64_t p = p0; p < p1; p++) {
           int32_t *tile_acc = acc ? acc + ((r - r0) * tl.ncp + (p - p0) * MR) * NR : NULL;
-          micro_tile(codes + r * kp + k0, kp, rows, packed + p * kp * NR + k0 * NR, kc, tile_acc, kb == 0,
-                     kb == tl.nkb - 1, ep, r, p * NR, narrow);
+          micro_tile(codes + (r * kp + k0) * widen, kp * widen, rows, packed + (p * kp + k0) * NR * widen, kc,
+                     tile_acc, kb == 0, kb == tl.nkb - 1, ep, r, p * NR, path);
         }
       }
     }
@@ -286,15 +360,17 @@ enum { STATIC = 0, DYNAMIC_TORCH = 1, DYNAMIC_ONNX = 2, PER_TOKEN = 3 };
  * input holds NaN or inf (report = its range, NaN for NaN), else report = {scale, zero point}. Returns 0, 1, or 2
  * when out of memory. */
 int slimfx_linear_fused(const float *x, int64_t m, int64_t k, int64_t ldx, int mode, float s, int zp, int qmax,
-                        int narrow, const int8_t *packed, int64_t n, const int32_t *colsum, const float *w_scale,
+                        int path, const int8_t *packed, int64_t n, const int32_t *colsum, const float *w_scale,
                         const float *bias, float *out, int64_t ldo, int nthreads, float *report) {
   const int64_t kp = kpad_of(k);
   const int dynamic = mode == DYNAMIC_TORCH || mode == DYNAMIC_ONNX;
   uint8_t *codes = (uint8_t *)malloc((size_t)(m * kp > 0 ? m * kp : 1));
   float *row_scale = mode == PER_TOKEN ? (float *)malloc((size_t)(m > 0 ? m : 1) * sizeof(float)) : NULL;
-  if (!codes || (mode == PER_TOKEN && !row_scale)) {
+  uint8_t *codes2 = path == SPLIT ? (uint8_t *)malloc((size_t)(m * kp > 0 ? 2 * m * kp : 1)) : NULL;
+  if (!codes || (mode == PER_TOKEN && !row_scale) || (path == SPLIT && !codes2)) {
     free(codes);
     free(row_scale);
+    free(codes2);
     return 2;
   }
   float lo = 0.0f, hi = 0.0f;
@@ -385,16 +461,18 @@ int slimfx_linear_fused(const float *x, int64_t m, int64_t k, int64_t ldx, int m
       else
         quantize_rows(x, m, k, ldx, mode == DYNAMIC_TORCH ? (float)(1.0 / (double)ep.a_scale) : ep.a_scale, NULL,
                       mode != DYNAMIC_TORCH, ep.zp, 0, mode == DYNAMIC_ONNX ? 255 : qmax, codes, kp);
-      gemm_tiles(codes, m, kp, packed, &ep, tl, narrow);
+      if (path == SPLIT) duplicate_pairs(codes, m, kp, codes2);
+      gemm_tiles(path == SPLIT ? codes2 : codes, m, kp, packed, &ep, tl, path);
     }
   }
   free(codes);
   free(row_scale);
+  free(codes2);
   return status;
 }
 
 /* A 2-d convolution (groups 1) of a channels-last (NHWC) fp32 input with static codes (the division, as above;
- * narrow / wide as for the linear):
+ * path as for the linear):
  * the input quantized once into an image of codes (zero padding is the zero point's code), gathered into rows of
  * kh * kw * c codes in (i, j, channel) order (im2col on bytes, a quarter of the fp32 traffic; 1x1 stride-1
  * unpadded convs skip it: their codes are the GEMM operand as they are), then the GEMM with its epilogue into out
@@ -402,15 +480,17 @@ int slimfx_linear_fused(const float *x, int64_t m, int64_t k, int64_t ldx, int m
  * when out of memory. */
 int slimfx_conv2d(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t kh, int64_t kw, int64_t sh,
                   int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t oh, int64_t ow, float s, int zp,
-                  int qmax, int narrow, const int8_t *packed, int64_t o, const int32_t *colsum, const float *w_scale,
+                  int qmax, int path, const int8_t *packed, int64_t o, const int32_t *colsum, const float *w_scale,
                   const float *bias, float *out, int nthreads) {
   const int64_t k = kh * kw * c, kp = kpad_of(k), rows = n * oh * ow;
   const int direct = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
   uint8_t *image = direct ? NULL : (uint8_t *)malloc((size_t)(n * h * w * c > 0 ? n * h * w * c : 1));
   uint8_t *codes = (uint8_t *)malloc((size_t)(rows * kp > 0 ? rows * kp : 1));
-  if (!codes || (!direct && !image)) {
+  uint8_t *codes2 = path == SPLIT ? (uint8_t *)malloc((size_t)(rows * kp > 0 ? 2 * rows * kp : 1)) : NULL;
+  if (!codes || (!direct && !image) || (path == SPLIT && !codes2)) {
     free(image);
     free(codes);
+    free(codes2);
     return 2;
   }
   const epilogue_t ep = {colsum, w_scale, bias, NULL, s, zp, out, o, o};
@@ -438,9 +518,11 @@ int slimfx_conv2d(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, in
         memset(dst, 0, (size_t)(kp - k)); /* the padding multiplies zero weights */
       }
     }
-    gemm_tiles(codes, rows, kp, packed, &ep, tl, narrow);
+    if (path == SPLIT) duplicate_pairs(codes, rows, kp, codes2);
+    gemm_tiles(path == SPLIT ? codes2 : codes, rows, kp, packed, &ep, tl, path);
   }
   free(image);
   free(codes);
+  free(codes2);
   return 0;
 }

@@ -16,8 +16,8 @@ simulation's arithmetic), ``dense_channels_last`` (the same in channels-last lay
 and ``onednn`` (``onednn::qconv2d_pointwise``, u8 x s8 with an int32 accumulator and an fp32 output; its
 AVX2 kernel saturates int16 pair sums for 8-bit codes, exact for 7-bit ones). fbgemm's
 ``quantized::conv2d`` (torch.ao's) is not a candidate: it re-quantizes its output to 8 bits, which no
-tolerance of this contract admits. ``avx2``: slimfx's own kernel (groups 1; 7-bit codes or 7-bit weights), an
-im2col of the codes into its GEMM.
+tolerance of this contract admits. ``avx2``: slimfx's own kernel (groups 1), an im2col of the codes into its
+GEMM.
 """
 
 from __future__ import annotations
@@ -31,9 +31,7 @@ from slimfx.errors import KernelError
 from slimfx.kernels.cpu_kernels import (
     ActQuant,
     PreparedKernel,
-    avx2_exact,
-    avx2_narrow,
-    avx2_weight_limit,
+    avx2_weights,
     check_avx2_input,
     scale_tensor,
     static_codes,
@@ -196,25 +194,18 @@ class OnednnQConv(_ConvCandidate):
 
 class _Avx2ConvRun:
     """slimfx's AVX2 conv (``avx2_int8.c``): the weight packed once as ``[O, kh * kw * C]``; per call one C call,
-    one parallel region: codes of the channels-last input, im2col on the codes, the 7-bit x 7-bit GEMM."""
+    one parallel region: codes of the channels-last input, im2col on the codes, the GEMM on its exact path."""
 
     def __init__(self, w_q, w_scale, bias, geometry, act):
         from slimfx.kernels import native
 
+        if act.mode != "static_per_tensor" or geometry.groups != 1:
+            raise KernelError(f"the avx2 conv runs static activations and groups=1, got {act.mode} and "
+                              f"groups={geometry.groups}")
         self.lib = native.avx2_int8()
-        top, limit = (int(w_q.abs().max()) if w_q.numel() else 0), avx2_weight_limit(act)
-        if act.mode != "static_per_tensor" or not avx2_exact(act) or top > limit:
-            raise KernelError(f"the avx2 conv runs static activations with weight codes in [-{limit}, {limit}] for "
-                              f"{act.label}, got {act.mode} with |w| = {top}")
-        self.narrow = int(avx2_narrow(act) and top <= 64)
-        if geometry.groups != 1:
-            raise KernelError(f"the avx2 conv runs groups=1 convolutions, got groups={geometry.groups}")
         self.o, self.c, self.kh, self.kw = w_q.shape
-        w = w_q.detach().to(torch.int8).permute(0, 2, 3, 1).reshape(self.o, -1).contiguous()
-        k = w.shape[1]
-        self.packed = torch.empty(int(self.lib.slimfx_packed_weight_bytes(self.o, k)), dtype=torch.int8)
-        self.lib.slimfx_pack_weights(w.data_ptr(), self.o, k, self.packed.data_ptr())
-        self.colsum = w.sum(dim=1, dtype=torch.int32).contiguous()
+        w2d = w_q.detach().to(torch.int8).permute(0, 2, 3, 1).reshape(self.o, -1)
+        self.packed, self.colsum, self.path = avx2_weights(self.lib, w2d, act)
         self.w_scale = w_scale.detach().float().contiguous()
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.geometry, self.act = geometry, act
@@ -232,7 +223,7 @@ class _Avx2ConvRun:
         if out.numel():
             status = self.lib.slimfx_conv2d(
                 xc.data_ptr(), n, h, w, c, self.kh, self.kw, *g.stride, *g.padding, *g.dilation, oh, ow,
-                float(self.act.scale), int(self.act.zero_point), self.act.code_max, self.narrow,
+                float(self.act.scale), int(self.act.zero_point), self.act.code_max, self.path,
                 self.packed.data_ptr(), self.o,
                 self.colsum.data_ptr(), self.w_scale.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
                 out.data_ptr(), torch.get_num_threads())
@@ -243,7 +234,7 @@ class _Avx2ConvRun:
 
 class Avx2Conv(_ConvCandidate):
     """slimfx's AVX2 kernel (see :class:`slimfx.kernels.cpu_kernels.Avx2Int8`) as a convolution: static
-    activations whose pair sums cannot saturate (7-bit codes, or 7-bit weights), groups 1."""
+    activations of any code width, groups 1."""
 
     name = "avx2"
     modes = ("static_per_tensor",)
@@ -259,7 +250,7 @@ class Avx2Conv(_ConvCandidate):
         return native.avx2_int8_unavailable()
 
     def supports(self, act: ActQuant, geometry: ConvGeometry) -> bool:
-        return act.mode in self.modes and avx2_exact(act) and geometry.groups == 1
+        return act.mode in self.modes and geometry.groups == 1
 
     def prepare(self, w_q, w_scale, bias, geometry, act) -> PreparedKernel:
         return _Avx2ConvRun(w_q, w_scale, bias, geometry, act)

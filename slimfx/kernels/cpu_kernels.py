@@ -675,53 +675,52 @@ class TritonInt8(_Int8Candidate):
 
 #: slimfx_linear_fused's activation modes (avx2_int8.c)
 _AVX2_MODES = {"static_per_tensor": 0, "dynamic_per_tensor": 1, "dynamic_per_token": 3}
+#: avx2_int8.c's GEMM paths
+AVX2_WIDE, AVX2_NARROW, AVX2_SPLIT = 0, 1, 2
 
 
-def avx2_exact(act: ActQuant) -> bool:
-    """Whether slimfx's AVX2 kernel computes ``act``'s codes times its weights exactly: one int16 pair sum of
-    ``vpmaddubsw`` must not saturate (8-bit codes with weights in [-64, 64], or 7-bit codes with any int8
-    weights; per-token codes are offset to [1, 255], so 7-bit weights)."""
-    if act.mode == "dynamic_per_token":
-        return act.weight_bits <= 7
-    return act.mode in ("static_per_tensor", "dynamic_per_tensor") and (act.code_max <= 127 or act.weight_bits <= 7)
+def avx2_path(act: ActQuant, top: int | None = None) -> int:
+    """The GEMM path of slimfx's AVX2 kernel for ``act``'s codes and weight codes up to ``top`` in size (default:
+    ``act.weight_bits``' bound), each exact: NARROW when two int16 pair sums fit (7-bit codes, ``top <= 64``;
+    the fastest), WIDE when one does (8-bit codes with ``top <= 64``, or 7-bit codes), else SPLIT (nibble weights;
+    8-bit codes with 8-bit weights). Per-token codes are offset into [1, 255]."""
+    top = 2 ** (act.weight_bits - 1) - 1 if top is None else top
+    codes = 255 if act.mode == "dynamic_per_token" else act.code_max
+    if codes <= 127 and top <= 64:
+        return AVX2_NARROW
+    return AVX2_WIDE if 2 * codes * top <= 2**15 - 1 else AVX2_SPLIT
 
 
-def avx2_narrow(act: ActQuant) -> bool:
-    """Whether two pair sums also fit int16 (7-bit codes and weights in [-64, 64]): the kernel's fast path."""
-    return act.mode != "dynamic_per_token" and act.code_max <= 127 and act.weight_bits <= 7
-
-
-def avx2_weight_limit(act: ActQuant) -> int:
-    return 64 if (act.mode == "dynamic_per_token" or act.code_max > 127) else 128
+def avx2_weights(lib, w2d: torch.Tensor, act: ActQuant) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """An int8 weight ``[N, K]`` packed for ``act``'s path: (packed bytes, int32 row sums, path)."""
+    w = w2d.detach().to(torch.int8).contiguous()
+    n, k = w.shape
+    path = avx2_path(act, int(w.abs().max()) if w.numel() else 0)
+    packed = torch.empty(int(lib.slimfx_packed_weight_bytes(n, k, int(path == AVX2_SPLIT))), dtype=torch.int8)
+    pack = lib.slimfx_pack_weights_split if path == AVX2_SPLIT else lib.slimfx_pack_weights
+    pack(w.data_ptr(), n, k, packed.data_ptr())
+    return packed, w.sum(dim=1, dtype=torch.int32).contiguous(), path
 
 
 class _Avx2Int8Run:
     """slimfx's own AVX2 kernel (``avx2_int8.c``): the weight packed once, then per call one C call and one
     parallel region on torch's OpenMP threads: the input's range and qparams (dynamic modes, the spec's formulas
     bit for bit), the codes (the spec's fp32 division or product, round half to even), the GEMM with the epilogue
-    fused; with 7-bit codes and weights the fast "narrow" path."""
+    fused, on the fastest exact path (:func:`avx2_path`)."""
 
     def __init__(self, w_q, w_scale, bias, act):
         from slimfx.kernels import native
 
-        if not avx2_exact(act):
-            raise KernelError(f"the avx2 kernel does not run {act.label} exactly (see avx2_exact)")
+        if act.mode not in _AVX2_MODES:
+            raise KernelError(f"the avx2 kernel does not run activation mode {act.mode!r}")
         self.lib = native.avx2_int8()
-        top, limit = (int(w_q.abs().max()) if w_q.numel() else 0), avx2_weight_limit(act)
-        if top > limit:
-            raise KernelError(f"the avx2 kernel needs weight codes in [-{limit}, {limit}] for {act.label}, "
-                              f"got |w| = {top}")
         self.n, self.k = w_q.shape
         self.kp = (self.k + 7) // 8 * 8
-        w = w_q.detach().to(torch.int8).contiguous()
-        self.packed = torch.empty(int(self.lib.slimfx_packed_weight_bytes(self.n, self.k)), dtype=torch.int8)
-        self.lib.slimfx_pack_weights(w.data_ptr(), self.n, self.k, self.packed.data_ptr())
-        self.colsum = w.sum(dim=1, dtype=torch.int32).contiguous()
+        self.packed, self.colsum, self.path = avx2_weights(self.lib, w_q, act)
         self.w_scale = w_scale.detach().float().contiguous()
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.act = act
         self.mode = 2 if act.mode == "dynamic_per_tensor" and act.bits == 8 else _AVX2_MODES[act.mode]
-        self.narrow = int(avx2_narrow(act) and top <= 64)
 
     def run(self, x2d: torch.Tensor) -> torch.Tensor:
         check_avx2_input(x2d, self.k, "in_features")
@@ -734,7 +733,7 @@ class _Avx2Int8Run:
         scale, zp = (float(self.act.scale), int(self.act.zero_point)) if static else (0.0, 0)
         report = (ctypes.c_float * 2)()  # dynamic: the chosen (scale, zero point), or the range holding NaN/inf
         status = self.lib.slimfx_linear_fused(
-            x.data_ptr(), m, self.k, self.k, self.mode, scale, zp, self.act.code_max, self.narrow,
+            x.data_ptr(), m, self.k, self.k, self.mode, scale, zp, self.act.code_max, self.path,
             self.packed.data_ptr(), self.n, self.colsum.data_ptr(), self.w_scale.data_ptr(),
             None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), self.n, torch.get_num_threads(),
             report)
@@ -756,9 +755,11 @@ def check_avx2_input(x: torch.Tensor, width: int, what: str, dim: int = -1) -> N
 
 class Avx2Int8(_Int8Candidate):
     """slimfx's AVX2 int8 linear (``avx2_int8.c``, built with the machine's C compiler at first use,
-    :mod:`slimfx.kernels.native`), for every mode whose int16 pair sums cannot saturate (:func:`avx2_exact`). With
-    7-bit codes and weights in [-64, 64] two ``vpmaddubsw`` pair sums add in int16 before one ``vpmaddwd`` widens
-    them: a quarter fewer multiplier instructions than any 8-bit kernel on AVX2 needs (MLAS, fbgemm, oneDNN)."""
+    :mod:`slimfx.kernels.native`), exact for every per-tensor and per-token mode whatever the code widths
+    (:func:`avx2_path`). With 7-bit codes and weights in [-64, 64] two ``vpmaddubsw`` pair sums add in int16
+    before one ``vpmaddwd`` widens them: a quarter fewer multiplier instructions than any 8-bit kernel on AVX2
+    needs (MLAS, fbgemm, oneDNN); 8-bit codes with 8-bit weights, which saturate those kernels, run on nibble-split
+    weights."""
 
     name = "avx2"
     modes = ("static_per_tensor", "dynamic_per_tensor", "dynamic_per_token")
@@ -772,9 +773,6 @@ class Avx2Int8(_Int8Candidate):
         from slimfx.kernels import native
 
         return native.avx2_int8_unavailable()
-
-    def supports(self, act: ActQuant) -> bool:
-        return avx2_exact(act)
 
     def prepare(self, w_q, w_scale, bias, act) -> PreparedKernel:
         return _Avx2Int8Run(w_q, w_scale, bias, act)

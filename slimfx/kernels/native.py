@@ -29,13 +29,14 @@ from slimfx.errors import KernelError
 
 SOURCE = Path(__file__).with_name("avx2_int8.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "slimfx_abi_version": ([], _INT),
-    "slimfx_packed_weight_bytes": ([_I64, _I64], _I64),
+    "slimfx_packed_weight_bytes": ([_I64, _I64, _INT], _I64),
     "slimfx_pack_weights": ([_P, _I64, _I64, _P], None),
+    "slimfx_pack_weights_split": ([_P, _I64, _I64, _P], None),
     "slimfx_quantize_u7": ([_P, _I64, _I64, _I64, _F32, _INT, _INT, _INT, _P, _I64, _INT], None),
     "slimfx_choose_qparams": ([ctypes.c_double, ctypes.c_double, _INT, _P, _P], None),
     "slimfx_linear_fused": ([_P, _I64, _I64, _I64, _INT, _F32, _INT, _INT, _INT, _P, _I64, _P, _P, _P, _P, _I64,

@@ -33,7 +33,11 @@ ACTS = {"dynamic": ActQuant("dynamic_per_tensor", weight_bits=7),
         "static_u7_w8": ActQuant("static_per_tensor", 0.05, 61, bits=7),
         "static_u8_w7": ActQuant("static_per_tensor", 0.03, 128, weight_bits=7),
         "onnx_u8_w7": ActQuant("dynamic_per_tensor", bits=8, weight_bits=7),
-        "per_token_w7": ActQuant("dynamic_per_token", weight_bits=7)}
+        "per_token_w7": ActQuant("dynamic_per_token", weight_bits=7),
+        # 8-bit codes x 8-bit weights (the defaults), which saturate every other int8 kernel on AVX2: "split"
+        "static_u8_w8": ActQuant("static_per_tensor", 0.03, 128),
+        "onnx_u8_w8": ActQuant("dynamic_per_tensor", bits=8),
+        "per_token_w8": ActQuant("dynamic_per_token")}
 
 
 def _problem(m, n, k, seed, top=63):
@@ -49,12 +53,10 @@ def test_kernel_builds_and_is_a_candidate_on_this_machine():
     assert native.avx2_int8_unavailable() is None
     assert AVX2.is_available()
     assert all(AVX2.supports(act) for act in ACTS.values())
-    # 8-bit codes with 8-bit weights saturate one int16 pair sum (255 * 127 * 2 > 2**15): never claimed
-    assert not AVX2.supports(ActQuant("static_per_tensor", 0.05, 61))
-    assert not AVX2.supports(ActQuant("dynamic_per_tensor", bits=8))
-    assert not AVX2.supports(ActQuant("dynamic_per_token"))
-    narrow = {name for name, act in ACTS.items() if cpu_kernels.avx2_narrow(act)}
-    assert narrow == {"dynamic", "static", "static_narrow"}
+    paths = {name: cpu_kernels.avx2_path(act) for name, act in ACTS.items()}
+    assert {n for n, p in paths.items() if p == cpu_kernels.AVX2_NARROW} == {"dynamic", "static", "static_narrow"}
+    assert {n for n, p in paths.items() if p == cpu_kernels.AVX2_SPLIT} == {"static_u8_w8", "onnx_u8_w8",
+                                                                             "per_token_w8"}
 
 
 @needs_kernel
@@ -78,15 +80,14 @@ def test_outputs_match_the_spec(m, n, k, act, with_bias, transposed, seed):
 @pytest.mark.parametrize("act", sorted(ACTS))
 def test_worst_case_sums_several_k_blocks_and_thread_counts(act):
     """All-top codes times the widest weights each path allows (narrow: +-64, two pair sums 2 * 2 * 127 * 64 <
-    2**15; wide: one pair sum of 255 * 64 or 127 * 128), K over three cache blocks with a ragged end, rows and
-    columns off the tile sizes; any thread count, the same bits."""
+    2**15; wide: one pair sum of 255 * 64 or 127 * 128; split: -128 and 127), K over three cache blocks with a
+    ragged end, rows and columns off the tile sizes; any thread count, the same bits."""
     act = ACTS[act]
     m, n, k = 70, 37, 2100
     x, w_q, w_scale, bias = _problem(m, n, k, 1, top=2 ** (act.weight_bits - 1) - 1)
     x[0] = x.abs().max()  # the top code along the whole row (dynamic / per-token) / clamped to it (static)
-    limit = cpu_kernels.avx2_weight_limit(act)
-    w_q[0] = min(limit, 127)
-    w_q[1] = -limit
+    w_q[0] = 127 if act.weight_bits == 8 else 64
+    w_q[1] = -128 if act.weight_bits == 8 else -64
     run = AVX2.prepare(w_q, w_scale, bias, act)
     ref = int8_linear_spec(x, w_q, w_scale, bias, act)
     threads = torch.get_num_threads()
@@ -173,15 +174,17 @@ def test_nan_codes_are_zero_not_garbage():
 
 
 @needs_kernel
-def test_weights_wider_than_the_mode_allows_are_refused():
-    x, w_q, w_scale, bias = _problem(4, 8, 16, 0, top=127)
+def test_the_path_follows_the_actual_weights():
+    """The module's weight_bits is a bound; the path is chosen from the weights prepared: wider ones than the
+    mode's narrow / wide bound take the split path and stay exact."""
+    x, w_q, w_scale, bias = _problem(5, 8, 40, 0, top=63)
+    assert AVX2.prepare(w_q, w_scale, bias, ACTS["static_u8_w7"]).path == cpu_kernels.AVX2_WIDE
     w_q[0, 0] = 100
-    for name in ("static_u8_w7", "per_token_w7", "onnx_u8_w7"):
-        with pytest.raises(KernelError, match=r"\[-64, 64\]"):
-            AVX2.prepare(w_q, w_scale, bias, ACTS[name])
-    AVX2.prepare(w_q, w_scale, bias, ACTS["dynamic_w8"])  # 7-bit codes: any int8 weight
+    run = AVX2.prepare(w_q, w_scale, bias, ACTS["static_u8_w7"])
+    assert run.path == cpu_kernels.AVX2_SPLIT
+    assert relative_error(run.run(x), int8_linear_spec(x, w_q, w_scale, bias, ACTS["static_u8_w7"])) <= 1e-6
     with pytest.raises(KernelError, match="does not run"):
-        AVX2.prepare(w_q, w_scale, bias, ActQuant("static_per_tensor", 0.05, 61))
+        AVX2.prepare(w_q, w_scale, bias, ActQuant("weight_only"))
 
 
 @needs_kernel
@@ -257,7 +260,7 @@ def test_conv_matches_the_spec(n, c, o, h, w, kh, kw, stride, padding, dilation,
         return
     g = torch.Generator().manual_seed(seed)
     act = ActQuant("static_per_tensor", 0.05, 2 ** bits // 3, bits=bits,
-                   weight_bits=8 if bits == 7 and seed % 2 else 7)  # narrow and wide paths
+                   weight_bits=8 if seed % 2 else 7)  # narrow, wide and split paths
     top = 2 ** (act.weight_bits - 1) - 1
     w_q = torch.randint(-top, top + 1, (o, c, kh, kw), generator=g, dtype=torch.int8)
     w_scale = torch.rand(o, generator=g) * 0.05 + 1e-3
@@ -277,9 +280,7 @@ def test_conv_support_and_a_module_forced_onto_it():
     act = ACTS["static"]
     assert AVX2_CONV.supports(act, ConvGeometry.of(1, 1, 1, 1))
     assert not AVX2_CONV.supports(act, ConvGeometry.of(1, 1, 1, 4))  # grouped / depthwise: not a GEMM
-    assert not AVX2_CONV.supports(ActQuant("static_per_tensor", 0.05, 61, bits=8), ConvGeometry.of(1, 1, 1, 1))
-    assert AVX2_CONV.supports(ActQuant("static_per_tensor", 0.05, 61, bits=8, weight_bits=7),
-                              ConvGeometry.of(1, 1, 1, 1))
+    assert AVX2_CONV.supports(ActQuant("static_per_tensor", 0.05, 61, bits=8), ConvGeometry.of(1, 1, 1, 1))
     assert not AVX2_CONV.supports(ActQuant("weight_only", weight_bits=7), ConvGeometry.of(1, 1, 1, 1))
     conv = torch.nn.Conv2d(8, 16, 3, padding=1)
     x = torch.randn(2, 8, 10, 10)

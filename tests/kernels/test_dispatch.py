@@ -59,9 +59,7 @@ EXACT_EVERYWHERE = {(name, label) for name in ("dense", "int_mm") for label in A
     ("onnxruntime", "static_per_tensor_u7"), ("onnxruntime", "static_per_tensor_w7"),
     ("onnxruntime", "dynamic_per_tensor"), ("onednn", "dynamic_per_tensor_u8_w7"),
     ("onnxruntime", "dynamic_per_tensor_u8_w7"),
-    ("avx2", "dynamic_per_tensor_w7"), ("avx2", "static_per_tensor_u7_w7"), ("avx2", "dynamic_per_tensor"),
-    ("avx2", "static_per_tensor_u7"), ("avx2", "static_per_tensor_w7"), ("avx2", "dynamic_per_tensor_u8_w7"),
-    ("avx2", "dynamic_per_token_w7")}
+} | {("avx2", label) for label in ACT_LABELS}  # slimfx's own kernel: exact for every code width
 
 
 @settings(max_examples=20)
