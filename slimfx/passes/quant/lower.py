@@ -9,10 +9,11 @@ int8 weight and scales. Activation mode:
   up to 8 bits), with its calibrated scale and zero point: the kernel's quantizer is the simulation's, bit
   for bit. 8-bit codes with 7-bit weights (``weights=int7-per-channel``) or 7-bit codes
   (``activations=int7-per-tensor``, torch.ao's ``reduce_range``) with 8-bit weights are what fbgemm and
-  oneDNN compute exactly on AVX2 CPUs without VNNI; 8-bit codes with 8-bit weights need VNNI there (the
-  dispatcher measures and checks, it never assumes). 7-bit codes with 7-bit weights (``weights=int7-per-channel,
-  activations=int7-per-tensor``) also run slimfx's own AVX2 kernel (``avx2``, :mod:`slimfx.kernels.native`),
-  which needs a quarter fewer multiplies: the fastest int8 linear on those CPUs;
+  oneDNN compute exactly on AVX2 CPUs without VNNI; 8-bit codes with 8-bit weights saturate them there and run
+  slimfx's own AVX2 kernel (``avx2``, :mod:`slimfx.kernels.native`) on nibble-split weights (the dispatcher
+  measures and checks, it never assumes). 7-bit codes with 7-bit weights (``weights=int7-per-channel,
+  activations=int7-per-tensor``) run that kernel's fast path, a quarter fewer multiplies than any 8-bit kernel:
+  the fastest int8 linear / conv on those CPUs;
 * ``dynamic_per_token`` (linears) when the input is a per-token fake-quant node;
 * an input without a fake-quant node: linears quantize it at run time per ``activations``
   (``dynamic-per-token``, the default and the GPU kernel's numerics; ``dynamic-per-tensor``, torch.ao's
@@ -177,16 +178,14 @@ class LowerInt8(Pass):
             if group:
                 modes = sorted({p.mode + (f"[{p.act_bits}-bit]" if p.act_bits != 8 else "") for p in group})
                 notes.append(f"lowered {len(group)} {kind} layer(s) to {module_name} ({', '.join(modes)})")
-        if any(p.mode == "static_per_tensor" and p.act_bits == 8 and p.weight_bits == 8 for p in plans):
-            notes.append("8-bit static activations with 8-bit weights: on x86 CPUs without VNNI the int8 kernels "
-                         "saturate on them and the dispatcher falls back to float; quant-insert{weights="
-                         "int7-per-channel} (or activations=int7-per-tensor) is exact with fbgemm/oneDNN there, "
-                         "and both together run slimfx's avx2 kernel, the fastest there")
-        if any(p.mode == "dynamic_per_tensor" and p.act_bits == 8 and p.weight_bits == 8 for p in plans):
-            notes.append("8-bit dynamic activations with 8-bit weights: on x86 CPUs without VNNI the int8 kernels "
-                         "saturate on them and the dispatcher falls back to float; quant-insert{weights="
-                         "int7-per-channel} makes them exact with onnxruntime/oneDNN there (and "
-                         "lower-int8{activations=dynamic-per-tensor} with it runs slimfx's avx2 kernel, the fastest)")
+        eight_by_eight = sorted({p.mode for p in plans if p.act_bits == 8 and p.weight_bits == 8
+                                 and p.mode in ("static_per_tensor", "dynamic_per_tensor")})
+        if eight_by_eight:
+            notes.append(f"8-bit activations with 8-bit weights ({', '.join(eight_by_eight)}): on x86 CPUs without "
+                         "VNNI fbgemm / oneDNN / onnxruntime saturate on them; slimfx's avx2 kernel runs them exactly "
+                         "on nibble-split weights (~1.2-1.4x fp32), and quant-insert{weights=int7-per-channel} with "
+                         "activations=int7-per-tensor (or lower-int8{activations=dynamic-per-tensor}) is its fastest "
+                         "path (~2.3-2.5x fp32); without a C compiler the dispatcher falls back to float there")
         return PassResult(stats=stats, notes=notes, bound=bound)
 
     def _plan(self, program: Program, node: fx.Node, notes: list[str]) -> _Plan | None:

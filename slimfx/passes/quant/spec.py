@@ -12,7 +12,8 @@ A scheme string names the number format, the granularity and (optionally) the sy
 On x86 CPUs without VNNI (AVX2) the int8 kernels (fbgemm, oneDNN, onnxruntime's MLAS) sum pairs of u8 x s8
 products in int16, which saturates for 8-bit activation codes with 8-bit weights. ``lower-int8`` runs two schemes
 exactly there: ``int7-per-channel`` weights with 8-bit activations (255 * 63 * 2 < 2^15), or ``int7-per-tensor``
-activations (torch.ao's ``reduce_range``) with 8-bit weights; 8-bit both needs VNNI (or the float fallback).
+activations (torch.ao's ``reduce_range``) with 8-bit weights; 8-bit both runs slimfx's own avx2 kernel (nibble-split
+weights) or, without a C compiler, the float fallback. 7-bit both is that kernel's fastest path.
 
 Integer formats: symmetric weights use the narrow range ``[-(2^(b-1)-1), 2^(b-1)-1]`` with zero point 0
 (int8: [-127, 127], what :class:`slimfx.kernels.Int8Linear` stores); symmetric activations use the full

@@ -204,7 +204,7 @@ def test_layers_that_cannot_be_lowered_stay_and_are_noted():
     assert all(int(m.weight_int8.abs().max()) <= 7 for m in _modules(out))  # int4 codes, stored as int8
     out = slimfx.run_pipeline(program, "quant-insert{activations=none},lower-int8{activations=dynamic-per-tensor-u8}")
     assert {(m.mode, m.act_bits) for m in _modules(out)} == {("dynamic_per_tensor", 8)}
-    assert any("8-bit dynamic activations with 8-bit weights" in n for n in out.log[-1].notes)
+    assert any("8-bit activations with 8-bit weights (dynamic_per_tensor)" in n for n in out.log[-1].notes)
 
 
 def test_lowered_cnn_artifact_reloads_bit_for_bit(tmp_path):
