@@ -39,7 +39,7 @@
 #define NCP_MAX 16    /* panels per thread tile: 256 columns x KC bytes of weights stay in L2 */
 #endif
 
-int slimfx_abi_version(void) { return 6; }
+int slimfx_abi_version(void) { return 7; }
 
 static int64_t panels_of(int64_t n) { return (n + NR - 1) / NR; }
 static int64_t kpad_of(int64_t k) { return (k + 7) / 8 * 8; }
@@ -419,7 +419,8 @@ int slimfx_linear_fused(const float *x, int64_t m, int64_t k, int64_t ldx, int m
           ep.a_scale = scale;
           ep.zp = z;
         } else { /* lo <= 0 <= hi already */
-          const float scale = hi != lo ? (hi - lo) / 255.0f : 1.0f;
+          float scale = hi != lo ? (hi - lo) / 255.0f : 1.0f;
+          if (scale == 0.0f) scale = 1.0f; /* the range underflowed: the empty range's qparams, as the spec */
           float z = -lo / scale;
           z = z < 0.0f ? 0.0f : (z > 255.0f ? 255.0f : z);
           ep.a_scale = scale;

@@ -210,12 +210,15 @@ def _check_finite_range(lo: float, hi: float) -> None:
 
 def onnx_dynamic_qparams(x: torch.Tensor) -> tuple[float, int]:
     """ONNX ``DynamicQuantizeLinear``'s uint8 (scale, zero point) of ``x``, in fp32 as onnxruntime computes
-    them: the range widened to include 0, ``scale = (hi - lo) / 255`` (1 for an all-zero range),
+    them: the range widened to include 0, ``scale = (hi - lo) / 255`` (1 for an all-zero range or one so small
+    that the division underflows to 0),
     ``zero_point = round_half_even(clamp(-lo / scale, 0, 255))``."""
     lo, hi = torch.aminmax(x.float()) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
     lo, hi = lo.clamp(max=0.0).cpu(), hi.clamp(min=0.0).cpu()
     _check_finite_range(float(lo), float(hi))
     scale = (hi - lo) / 255 if bool(hi != lo) else torch.tensor(1.0)
+    if float(scale) == 0.0:  # a range under 255 x the smallest float: quantize it as the empty range (all codes
+        scale = torch.tensor(1.0)  # 0, the output the bias; onnxruntime's 0/0 zero point is undefined there)
     zero_point = torch.clamp(torch.div(-lo, scale), 0, 255).round()
     return float(scale), int(zero_point)
 
@@ -695,7 +698,12 @@ def avx2_weights(lib, w2d: torch.Tensor, act: ActQuant) -> tuple[torch.Tensor, t
     """An int8 weight ``[N, K]`` packed for ``act``'s path: (packed bytes, int32 row sums, path)."""
     w = w2d.detach().to(torch.int8).contiguous()
     n, k = w.shape
-    path = avx2_path(act, int(w.abs().max()) if w.numel() else 0)
+    top = max(int(w.max()), -int(w.min())) if w.numel() else 0  # not w.abs(): int8 abs(-128) is -128
+    codes = 127 if act.mode == "dynamic_per_token" else act.code_max
+    if codes * top * k >= 2**31:  # the int32 accumulator must hold sum_k (q - z) * w (wrapping partials cancel)
+        raise KernelError(f"the avx2 kernel accumulates in int32: K={k} with |w| up to {top} and codes up to "
+                          f"{codes} may overflow it; another kernel (the dispatcher's fallback) must run this layer")
+    path = avx2_path(act, top)
     packed = torch.empty(int(lib.slimfx_packed_weight_bytes(n, k, int(path == AVX2_SPLIT))), dtype=torch.int8)
     pack = lib.slimfx_pack_weights_split if path == AVX2_SPLIT else lib.slimfx_pack_weights
     pack(w.data_ptr(), n, k, packed.data_ptr())

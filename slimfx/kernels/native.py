@@ -29,7 +29,7 @@ from slimfx.errors import KernelError
 
 SOURCE = Path(__file__).with_name("avx2_int8.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {

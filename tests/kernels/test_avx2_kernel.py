@@ -338,3 +338,37 @@ def test_a_damaged_cached_library_is_built_again(monkeypatch, tmp_path):
 def test_build_errors_name_the_compilers_error_line():
     message = "x.c: In function 'f':\nx.c:3:5: error: 'y' undeclared\n    3 | y;\n      | ^\nx.c:3:5: note: each"
     assert native._first_error(message) == "x.c:3:5: error: 'y' undeclared"
+
+
+@needs_kernel
+def test_minus_128_weights_count_in_the_path_choice():
+    """int8 abs(-128) is -128 in torch: the path must see |w| = 128 (review finding: a -128 beside small weights
+    picked the wide / narrow path and saturated)."""
+    x, w_q, w_scale, bias = _problem(7, 6, 40, 4, top=60)
+    w_q[2, 5] = -128
+    for name in ("static_u8_w8", "per_token_w8", "static", "dynamic"):
+        run = AVX2.prepare(w_q, w_scale, bias, ACTS[name])
+        assert run.path != cpu_kernels.AVX2_NARROW, name
+        assert relative_error(run.run(x), int8_linear_spec(x, w_q, w_scale, bias, ACTS[name])) <= 1e-5, name
+
+
+@needs_kernel
+def test_fan_in_beyond_the_int32_accumulator_is_refused():
+    """sum_k (q - z) * w must fit int32: 8-bit codes x 127 x K = 70000 may not, so prepare refuses (the dispatcher
+    then runs another kernel) instead of wrapping to a wrong sign."""
+    w_q = torch.full((2, 70000), 127, dtype=torch.int8)
+    with pytest.raises(KernelError, match="int32"):
+        AVX2.prepare(w_q, torch.ones(2), None, ACTS["static_u8_w8"])
+    AVX2.prepare(w_q[:, :60000], torch.ones(2), None, ACTS["static_u8_w8"])  # 255 * 127 * 60000 < 2**31
+
+
+@needs_kernel
+def test_an_onnx_range_that_underflows_quantizes_as_the_empty_range():
+    x = torch.zeros(2, 9)
+    x[0, 3] = 1e-44  # (hi - lo) / 255 underflows to 0 in fp32
+    assert cpu_kernels.onnx_dynamic_qparams(x) == (1.0, 0)
+    x, w_q, w_scale, bias = _problem(2, 4, 9, 0, top=63)
+    x = torch.zeros(2, 9)
+    x[0, 3] = 1e-44
+    out = AVX2.prepare(w_q, w_scale, bias, ACTS["onnx_u8_w7"]).run(x)
+    assert torch.equal(out, int8_linear_spec(x, w_q, w_scale, bias, ACTS["onnx_u8_w7"]))
