@@ -17,7 +17,10 @@
  * multiplier instructions per 64 products (fp32 needs eight FMAs), on codes duplicated pairwise in memory.
  *
  * Layout: activation codes row-major [M, Kp] (Kp = K rounded up to 8; the padding's weights are 0), weights
- * packed once into panels of 16 output columns: per group of 4 k, 64 bytes = [cols 0-7 x 4 k][cols 8-15 x 4 k].
+ * packed once into panels of 16 output columns: per group of 4 k, 64 bytes = [cols 0-7 x 4 k][cols 8-15 x 4 k]
+ * (the split path: twice that, see slimfx_pack_weights_split). The int32 accumulator holds sum_k (q - z) * w
+ * exactly while it fits (partial sums may wrap, the zero-point correction undoes it); the caller refuses fan-ins
+ * that could exceed it.
  * Compiled at first use by slimfx.kernels.native (gcc -O3 -mavx2 -fopenmp); no -ffast-math: the quantizer's
  * fp32 division / product and round-half-even must be the specification's bit for bit.
  */
@@ -49,7 +52,7 @@ int64_t slimfx_packed_weight_bytes(int64_t n, int64_t k, int split) {
   return panels_of(n) * kpad_of(k) * NR * (split ? 2 : 1);
 }
 
-/* w: int8 [n, k] row-major (codes in [-63, 63]) -> out (slimfx_packed_weight_bytes bytes). */
+/* w: int8 [n, k] row-major -> out (slimfx_packed_weight_bytes(n, k, 0) bytes), for the narrow and wide paths. */
 void slimfx_pack_weights(const int8_t *w, int64_t n, int64_t k, int8_t *out) {
   int64_t kp = kpad_of(k);
   memset(out, 0, (size_t)slimfx_packed_weight_bytes(n, k, 0));
