@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from slimfx.errors import KernelError
 from slimfx.kernels.cpu_kernels import (
     ActQuant,
+    Avx2Available,
     PreparedKernel,
     avx2_weights,
     check_avx2_input,
@@ -232,22 +233,12 @@ class _Avx2ConvRun:
         return out.permute(0, 3, 1, 2).contiguous(memory_format=layout)
 
 
-class Avx2Conv(_ConvCandidate):
+class Avx2Conv(Avx2Available, _ConvCandidate):
     """slimfx's AVX2 kernel (see :class:`slimfx.kernels.cpu_kernels.Avx2Int8`) as a convolution: static
     activations of any code width, groups 1."""
 
     name = "avx2"
     modes = ("static_per_tensor",)
-
-    def is_available(self) -> bool:
-        from slimfx.kernels import native
-
-        return native.avx2_int8_unavailable() is None
-
-    def unavailable_reason(self) -> str | None:
-        from slimfx.kernels import native
-
-        return native.avx2_int8_unavailable()
 
     def supports(self, act: ActQuant, geometry: ConvGeometry) -> bool:
         return act.mode in self.modes and geometry.groups == 1

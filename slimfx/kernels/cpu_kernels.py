@@ -38,6 +38,10 @@ differs from the division at near-ties), onnxruntime quantizes with its Quantize
 Dynamic per-tensor codes may round ties differently from the spec's multiply by ``1 / s_x`` (fbgemm's
 quantizer; onnxruntime's division) and reach 128 where the spec clamps at 127: that mode's tolerance allows
 it. The tolerances in :data:`INT8_TOLERANCE` state how far a candidate may be from :func:`int8_linear_spec`.
+
+``avx2`` is slimfx's own kernel (``avx2_int8.c``, built at first use by :mod:`slimfx.kernels.native`): it computes
+every mode's codes as the spec does (the division / product, the qparams bit for bit) and is exact for every code
+width, picking the fastest exact GEMM path from the weights it is given (:func:`avx2_path`).
 """
 
 from __future__ import annotations
@@ -580,7 +584,6 @@ class _OnnxruntimeRun:
         return nodes
 
     def run(self, x2d: torch.Tensor) -> torch.Tensor:
-
         x = x2d.detach().float().contiguous()
         feed = {"x": x.numpy()}
         if self.torch_qparams:  # codes from the range: at most 128 (torch rounds the zero point), which u8 x s8
@@ -761,16 +764,8 @@ def check_avx2_input(x: torch.Tensor, width: int, what: str, dim: int = -1) -> N
         raise KernelError(f"the avx2 kernel was prepared for {what}={width}, got an input of shape {tuple(x.shape)}")
 
 
-class Avx2Int8(_Int8Candidate):
-    """slimfx's AVX2 int8 linear (``avx2_int8.c``, built with the machine's C compiler at first use,
-    :mod:`slimfx.kernels.native`), exact for every per-tensor and per-token mode whatever the code widths
-    (:func:`avx2_path`). With 7-bit codes and weights in [-64, 64] two ``vpmaddubsw`` pair sums add in int16
-    before one ``vpmaddwd`` widens them: a quarter fewer multiplier instructions than any 8-bit kernel on AVX2
-    needs (MLAS, fbgemm, oneDNN); 8-bit codes with 8-bit weights, which saturate those kernels, run on nibble-split
-    weights."""
-
-    name = "avx2"
-    modes = ("static_per_tensor", "dynamic_per_tensor", "dynamic_per_token")
+class Avx2Available:
+    """Availability of slimfx's native AVX2 kernel, shared by its linear and conv candidates."""
 
     def is_available(self) -> bool:
         from slimfx.kernels import native
@@ -781,6 +776,18 @@ class Avx2Int8(_Int8Candidate):
         from slimfx.kernels import native
 
         return native.avx2_int8_unavailable()
+
+
+class Avx2Int8(Avx2Available, _Int8Candidate):
+    """slimfx's AVX2 int8 linear (``avx2_int8.c``, built with the machine's C compiler at first use,
+    :mod:`slimfx.kernels.native`), exact for every per-tensor and per-token mode whatever the code widths
+    (:func:`avx2_path`). With 7-bit codes and weights in [-64, 64] two ``vpmaddubsw`` pair sums add in int16
+    before one ``vpmaddwd`` widens them: a quarter fewer multiplier instructions than any 8-bit kernel on AVX2
+    needs (MLAS, fbgemm, oneDNN); 8-bit codes with 8-bit weights, which saturate those kernels, run on nibble-split
+    weights."""
+
+    name = "avx2"
+    modes = ("static_per_tensor", "dynamic_per_tensor", "dynamic_per_token")
 
     def prepare(self, w_q, w_scale, bias, act) -> PreparedKernel:
         return _Avx2Int8Run(w_q, w_scale, bias, act)

@@ -644,8 +644,7 @@ def main_table(shapes: Iterable[tuple[int, int, int]] | None = None) -> str:
 
     ``shapes`` are int8 ``(M, K, N)`` triples (each in dynamic per-token, dynamic per-tensor with 7-bit codes,
     with 8-bit codes and 7-bit weights and with 7-bit codes and weights, and 7-bit static modes); without them
-    block-sparse and conv rows
-    are added (:data:`DEFAULT_BSR_SHAPES`, :data:`DEFAULT_CONV_SHAPES`).
+    block-sparse and conv rows are added (:data:`DEFAULT_BSR_SHAPES`, :data:`DEFAULT_CONV_SHAPES`).
     """
     for m, k, n in shapes or DEFAULT_INT8_SHAPES:
         for act in (ActQuant("dynamic_per_token"), ActQuant("dynamic_per_tensor"), PROBE_DYNAMIC_U8_W7,

@@ -52,7 +52,7 @@ def cache_dir() -> Path:
 
 
 def avx2_int8_unavailable() -> str | None:
-    """Why the AVX2 7-bit int8 kernel cannot run in this process, or None when it can (builds it if needed)."""
+    """Why the AVX2 int8 kernel cannot run in this process, or None when it can (builds it if needed)."""
     try:
         avx2_int8()
     except KernelError as e:
