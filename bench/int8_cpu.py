@@ -2,8 +2,9 @@
 
 Table 1, per M x K x N: a one-Linear program through ``quant-insert,calibrate,lower-int8`` with 7-bit static
 activations (``activations=int7-per-tensor``, torch.ao's reduce_range), with 8-bit ones and 7-bit weights
-(``weights=int7-per-channel``) — the two schemes fbgemm / oneDNN compute exactly on AVX2 — with the default
-8-bit activations and weights, and with 8-bit dynamic activations
+(``weights=int7-per-channel``) — the two schemes fbgemm / oneDNN compute exactly on AVX2 — with both at 7 bits
+(slimfx's avx2 kernel's fastest path), with the default 8-bit activations and weights, and with 8-bit dynamic
+activations
 (``lower-int8{activations=dynamic-per-tensor-u8}``, ONNX's DynamicQuantizeLinear) and 7-bit weights; Int8Linear
 directly (``bench/kernels.py``'s modes); torch.ao's dynamic quantized Linear; fp32 nn.Linear. Table 2, per conv
 shape: a one-Conv2d program lowered the same ways, on NCHW and channels-last inputs, vs fp32 conv (both layouts;

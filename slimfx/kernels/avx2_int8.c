@@ -186,6 +186,13 @@ typedef struct {
  * pairwise-duplicated codes (a holds 2 bytes per k), four steps added in int16, widened with (1, 16). */
 enum { WIDE = 0, NARROW = 1, SPLIT = 2 };
 
+/* The 4 bytes at p (4 codes, or 2 codes duplicated) in every 32-bit lane. */
+static inline __m256i bcast4(const uint8_t *p) {
+  int32_t v;
+  memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
 static inline void micro_tile(const uint8_t *a, int64_t lda, int rows, const int8_t *b, int64_t kc, int32_t *acc,
                               int first, int last, const epilogue_t *ep, int64_t row0, int64_t col0, int path) {
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
@@ -198,10 +205,7 @@ static inline void micro_tile(const uint8_t *a, int64_t lda, int rows, const int
 #define B_AT(off) _mm256_loadu_si256((const __m256i *)(b + (off)))
 #define SLIMFX_NARROW_ROW(ap, cl, ch)                                                                  \
   {                                                                                                   \
-    int32_t w0, w1;                                                                                   \
-    memcpy(&w0, ap + k, 4);                                                                           \
-    memcpy(&w1, ap + k + 4, 4);                                                                       \
-    const __m256i x0 = _mm256_set1_epi32(w0), x1 = _mm256_set1_epi32(w1);                             \
+    const __m256i x0 = bcast4(ap + k), x1 = bcast4(ap + k + 4);                                       \
     __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(x0, B_AT(0)), _mm256_maddubs_epi16(x1, B_AT(64))); \
     cl = _mm256_add_epi32(cl, _mm256_madd_epi16(t, ones));                                            \
     t = _mm256_add_epi16(_mm256_maddubs_epi16(x0, B_AT(32)), _mm256_maddubs_epi16(x1, B_AT(96)));     \
@@ -209,10 +213,7 @@ static inline void micro_tile(const uint8_t *a, int64_t lda, int rows, const int
   }
 #define SLIMFX_WIDE_ROW(ap, cl, ch)                                                                    \
   {                                                                                                   \
-    int32_t w0, w1;                                                                                   \
-    memcpy(&w0, ap + k, 4);                                                                           \
-    memcpy(&w1, ap + k + 4, 4);                                                                       \
-    const __m256i x0 = _mm256_set1_epi32(w0), x1 = _mm256_set1_epi32(w1);                             \
+    const __m256i x0 = bcast4(ap + k), x1 = bcast4(ap + k + 4);                                       \
     cl = _mm256_add_epi32(cl, _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(x0, B_AT(0)), ones), \
                                                _mm256_madd_epi16(_mm256_maddubs_epi16(x1, B_AT(64)), ones))); \
     ch = _mm256_add_epi32(ch, _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(x0, B_AT(32)), ones), \
@@ -220,13 +221,8 @@ static inline void micro_tile(const uint8_t *a, int64_t lda, int rows, const int
   }
 #define SLIMFX_SPLIT_ROW(ap, cl, ch)                                                                   \
   {                                                                                                   \
-    int32_t w0, w1, w2, w3;                                                                           \
-    memcpy(&w0, ap + 2 * k, 4);                                                                       \
-    memcpy(&w1, ap + 2 * k + 4, 4);                                                                   \
-    memcpy(&w2, ap + 2 * k + 8, 4);                                                                   \
-    memcpy(&w3, ap + 2 * k + 12, 4);                                                                  \
-    const __m256i x0 = _mm256_set1_epi32(w0), x1 = _mm256_set1_epi32(w1), x2 = _mm256_set1_epi32(w2),  \
-                  x3 = _mm256_set1_epi32(w3);                                                         \
+    const __m256i x0 = bcast4(ap + 2 * k), x1 = bcast4(ap + 2 * k + 4), x2 = bcast4(ap + 2 * k + 8),  \
+                  x3 = bcast4(ap + 2 * k + 12);                                                       \
     __m256i t = _mm256_add_epi16(                                                                     \
         _mm256_add_epi16(_mm256_maddubs_epi16(x0, B_AT(0)), _mm256_maddubs_epi16(x1, B_AT(64))),      \
         _mm256_add_epi16(_mm256_maddubs_epi16(x2, B_AT(128)), _mm256_maddubs_epi16(x3, B_AT(192))));  \
@@ -236,32 +232,19 @@ static inline void micro_tile(const uint8_t *a, int64_t lda, int rows, const int
         _mm256_add_epi16(_mm256_maddubs_epi16(x2, B_AT(160)), _mm256_maddubs_epi16(x3, B_AT(224))));  \
     ch = _mm256_add_epi32(ch, _mm256_madd_epi16(t, mix));                                             \
   }
+#define SLIMFX_FOUR_ROWS(ROW) { ROW(a0, c00, c01) ROW(a1, c10, c11) ROW(a2, c20, c21) ROW(a3, c30, c31) }
   if (path == SPLIT) {
     const __m256i mix = _mm256_set1_epi32(1 | (16 << 16)); /* (l, h) int16 lanes -> l + 16 h */
-    for (int64_t k = 0; k < kc; k += 8, b += 256) {
-      SLIMFX_SPLIT_ROW(a0, c00, c01)
-      SLIMFX_SPLIT_ROW(a1, c10, c11)
-      SLIMFX_SPLIT_ROW(a2, c20, c21)
-      SLIMFX_SPLIT_ROW(a3, c30, c31)
-    }
+    for (int64_t k = 0; k < kc; k += 8, b += 256) SLIMFX_FOUR_ROWS(SLIMFX_SPLIT_ROW)
   } else if (path == NARROW) {
-    for (int64_t k = 0; k < kc; k += 8, b += 128) {
-      SLIMFX_NARROW_ROW(a0, c00, c01)
-      SLIMFX_NARROW_ROW(a1, c10, c11)
-      SLIMFX_NARROW_ROW(a2, c20, c21)
-      SLIMFX_NARROW_ROW(a3, c30, c31)
-    }
+    for (int64_t k = 0; k < kc; k += 8, b += 128) SLIMFX_FOUR_ROWS(SLIMFX_NARROW_ROW)
   } else {
-    for (int64_t k = 0; k < kc; k += 8, b += 128) {
-      SLIMFX_WIDE_ROW(a0, c00, c01)
-      SLIMFX_WIDE_ROW(a1, c10, c11)
-      SLIMFX_WIDE_ROW(a2, c20, c21)
-      SLIMFX_WIDE_ROW(a3, c30, c31)
-    }
+    for (int64_t k = 0; k < kc; k += 8, b += 128) SLIMFX_FOUR_ROWS(SLIMFX_WIDE_ROW)
   }
 #undef SLIMFX_NARROW_ROW
 #undef SLIMFX_WIDE_ROW
 #undef SLIMFX_SPLIT_ROW
+#undef SLIMFX_FOUR_ROWS
 #undef B_AT
   __m256i cs[2 * MR] = {c00, c01, c10, c11, c20, c21, c30, c31};
   if (!first)
